@@ -1,0 +1,1 @@
+"""dynamo adapter: not implemented yet, so it registers nothing (see the issue tracker)."""

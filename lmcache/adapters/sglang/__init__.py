@@ -1,0 +1,1 @@
+"""sglang adapter: not implemented yet, so it registers nothing (see the issue tracker)."""

@@ -1,0 +1,1 @@
+"""vllm adapter: not implemented yet, so it registers nothing (see the issue tracker)."""

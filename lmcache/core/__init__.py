@@ -1,0 +1,1 @@
+"""Engine-agnostic core: config, chunk keys, canonical chunk format, memory pool, tiers, cache engine."""

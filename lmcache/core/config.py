@@ -1,0 +1,201 @@
+"""One config model: every key has a default, a doc line and a validation.
+
+Sources, lowest to highest precedence: built-in defaults < YAML file (``--config`` or
+``LMCACHE_CONFIG_FILE``) < ``LMCACHE_<KEY>`` environment variables < explicit overrides (CLI flags).
+The effective config remembers where each value came from (``lmcache config show``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+ENV_PREFIX = "LMCACHE_"
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key, the value, its source and the fix."""
+
+
+def _choice(*allowed: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in allowed else f"one of {', '.join(allowed)}"
+
+    return check
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "a number > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "a number >= 0"
+
+
+def _chunk_size(v: Any) -> str | None:
+    return None if 1 <= v <= 65536 else "an integer in 1..65536 (a multiple of the engine's block size)"
+
+
+def _backend_name(v: Any) -> str | None:
+    return None if v and v.replace("_", "").replace("-", "").isalnum() else "auto, cpu, cuda, rocm, ascend or a plugin's backend name"
+
+
+def _url_or_empty(v: Any) -> str | None:
+    return None if v == "" or "://" in v else "empty (no remote tier) or a URL such as redis://127.0.0.1:6379/0"
+
+
+def _key(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+@dataclass(frozen=True)
+class LMCacheConfig:
+    chunk_size: int = _key(256, "Tokens per chunk (the unit of storage and lookup); a multiple of the engine's KV block size.", _chunk_size)
+    max_cpu_size_gb: float = _key(5.0, "Capacity of the CPU tier's host-memory pool, in GiB.", _positive)
+    pin_cpu_memory: str = _key("auto", "Pin the CPU pool for fast DMA: auto (when an accelerator is present), yes, no.", _choice("auto", "yes", "no"))
+    eviction_policy: str = _key("LRU", "Which chunk leaves a full tier first: LRU (least recently used).", _choice("LRU"))
+    device_backend: str = _key("auto", "Hardware backend for paged gather/scatter: auto, cpu, cuda, rocm, ascend or a plugin's name.", _backend_name)
+    cache_salt: str = _key("", "Default namespace mixed into every chunk key; two salts never share a chunk.")
+    copy_threads: int = _key(0, "CPU threads for host-side gather/scatter; 0 picks min(4, cores).", _non_negative)
+    local_disk_path: str = _key("", "Directory of the local disk tier; empty disables the disk tier.")
+    max_local_disk_size_gb: float = _key(20.0, "Capacity of the local disk tier, in GiB.", _positive)
+    remote_url: str = _key("", "Remote tier URL (redis://, rediss://, redis+cluster://, or a plugin's scheme); empty disables it.", _url_or_empty)
+    log_level: str = _key("INFO", "Logging level of lmcache's own logger.", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def source_of(self, key: str) -> str:
+        return self.sources.get(key, "default")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in config_keys()}
+
+    def replace(self, **changes: Any) -> "LMCacheConfig":
+        return _build(self.as_dict() | changes, dict(self.sources) | {k: "override" for k in changes})
+
+
+def config_keys() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(LMCacheConfig) if f.name != "sources"}
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every key: the documentation table."""
+    return [(k, f.type, f.default, f.metadata["doc"]) for k, f in config_keys().items()]
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+
+
+def _coerce(key: str, raw: Any, source: str) -> Any:
+    f = config_keys()[key]
+    want = _type_of(f)
+    try:
+        if want is bool:
+            if isinstance(raw, str):
+                low = raw.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = low in ("1", "true", "yes", "on")
+            elif isinstance(raw, bool):
+                value = raw
+            else:
+                raise ValueError
+        elif want is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            value = int(raw)
+        elif want is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw)
+        else:
+            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+                raise ValueError
+            value = "" if raw is None else str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key '{key}' = {raw!r} (from {source}): expected {want.__name__}; fix: {f.metadata['doc']}"
+        ) from None
+    check = f.metadata["check"]
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"config key '{key}' = {raw!r} (from {source}): accepted values are {problem}")
+    return value
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(config_keys()), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "run 'lmcache config keys' for the list"
+    return ConfigError(f"unknown config key '{key}' (from {source}): {hint}")
+
+
+def _build(values: dict[str, Any], sources: dict[str, str]) -> LMCacheConfig:
+    return LMCacheConfig(**values, sources=dict(sources))
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LMCacheConfig:
+    """Defaults < YAML file < LMCACHE_* env vars < overrides, each value validated where it enters."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {k: f.default for k, f in config_keys().items()}
+    sources: dict[str, str] = {}
+
+    path = path or env.get(CONFIG_FILE_ENV) or None
+    if path:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{p}' does not exist: fix the path given by --config or {CONFIG_FILE_ENV}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{p}' is not valid YAML{where}: fix its syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}' must be a mapping of key: value, got {type(data).__name__}")
+        for key, raw in data.items():
+            src = f"file {p}"
+            if key not in values:
+                raise _unknown(str(key), src)
+            values[key] = _coerce(key, raw, src)
+            sources[key] = src
+
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        src = f"env {name}"
+        if key not in values:
+            raise _unknown(key, src)
+        values[key] = _coerce(key, raw, src)
+        sources[key] = src
+
+    for key, raw in (overrides or {}).items():
+        if key not in values:
+            raise _unknown(key, "command line")
+        values[key] = _coerce(key, raw, "command line")
+        sources[key] = "command line"
+
+    return _build(values, sources)
+
+
+def parse_set_flags(items: list[str] | None) -> dict[str, str]:
+    """``--set key=value`` pairs from the command line."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set chunk_size=512")
+        out[key.strip()] = value
+    return out

@@ -1,0 +1,105 @@
+"""Reference converters between engine layouts and canonical chunks, in plain torch.
+
+Correct on CPU and GPU tensors alike; the ``cpu`` hardware backend runs them, faster backends are
+tested bit-exact against them. A canonical chunk is ``[heads, layers, tokens, row_dim]`` (see
+``chunk_format``); these functions fill or read the layers in ``layers`` so callers can split work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmcache.core.layouts import BlockPagedKV, KVLayout, TokenSlotKV
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """One chunk's slots, pre-digested once for all layers.
+
+    ``positions``: which chunk tokens take part (None = all). For a BlockPagedKV whose tokens fill whole
+    blocks in order, ``blocks`` holds the block ids and the copy moves whole blocks (the common case).
+    """
+
+    slots: torch.Tensor
+    positions: torch.Tensor | None
+    blocks: torch.Tensor | None
+    block_idx: torch.Tensor | None
+    in_block: torch.Tensor | None
+
+
+def plan_slots(kv: KVLayout, slots: torch.Tensor) -> SlotPlan:
+    slots = slots.to(device=kv.device, dtype=torch.long)
+    positions = None
+    if bool((slots < 0).any()):
+        positions = torch.nonzero(slots >= 0).flatten()
+        slots = slots[positions]
+    if int(slots.numel()) and int(slots.max()) >= kv.num_slots:
+        raise IndexError(f"slot {int(slots.max())} is out of range: the KV memory has {kv.num_slots} slots")
+    if not isinstance(kv, BlockPagedKV):
+        return SlotPlan(slots, positions, None, None, None)
+    n = kv.block_size
+    if positions is None and slots.numel() % n == 0 and slots.numel():
+        rows = slots.view(-1, n)
+        first = rows[:, 0]
+        if bool(((first % n) == 0).all()) and bool((rows - first[:, None] == torch.arange(n, device=slots.device)).all()):
+            return SlotPlan(slots, None, first // n, None, None)
+    return SlotPlan(slots, positions, None, slots // n, slots % n)
+
+
+def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> None:
+    """Copy the planned tokens of ``layers`` from ``kv`` into canonical ``out`` ``[heads, L, T, row_dim]``."""
+    if plan.positions is not None:
+        raise ValueError("gather needs a KV slot for every token of the chunk (found negative slots)")
+    if isinstance(kv, BlockPagedKV):
+        heads, tokens, row = out.shape[0], out.shape[2], out.shape[3]
+        for layer in layers:
+            src = kv.layers[layer]
+            dst = out[:, layer]
+            if plan.blocks is not None:
+                nb = plan.blocks.numel()
+                picked = src.index_select(0, plan.blocks)  # [nb, H, N, C], whole blocks
+                dst.view(heads, nb, tokens // nb, row).copy_(picked.permute(1, 0, 2, 3))
+            else:
+                dst.copy_(src[plan.block_idx, :, plan.in_block, :].permute(1, 0, 2))
+    else:
+        _gather_token_slots(kv, plan.slots, out, layers)
+
+
+def _gather_token_slots(kv: TokenSlotKV, slots: torch.Tensor, out: torch.Tensor, layers: range) -> None:
+    for layer in layers:
+        k = kv.k[layer].index_select(0, slots)  # [T, H, Dk]
+        if kv.v is None:
+            out[:, layer].copy_(k.permute(1, 0, 2))
+            continue
+        k_dim = k.shape[2]
+        out[:, layer, :, :k_dim].copy_(k.permute(1, 0, 2))
+        out[:, layer, :, k_dim:].copy_(kv.v[layer].index_select(0, slots).permute(1, 0, 2))
+
+
+def scatter(kv: KVLayout, plan: SlotPlan, chunk: torch.Tensor, layers: range) -> None:
+    """Copy canonical ``chunk`` ``[heads, L, T, row_dim]`` into the planned slots of ``kv``."""
+    if chunk.device != kv.device:
+        chunk = chunk.to(kv.device, non_blocking=True)
+    if plan.positions is not None:
+        chunk = chunk.index_select(2, plan.positions)
+    if isinstance(kv, BlockPagedKV):
+        heads, tokens, row = chunk.shape[0], chunk.shape[2], chunk.shape[3]
+        for layer in layers:
+            dst = kv.layers[layer]
+            src = chunk[:, layer]
+            if plan.blocks is not None:
+                nb = plan.blocks.numel()
+                dst.index_copy_(0, plan.blocks, src.view(heads, nb, tokens // nb, row).permute(1, 0, 2, 3))
+            else:
+                dst[plan.block_idx, :, plan.in_block, :] = src.permute(1, 0, 2)
+        return
+    for layer in layers:
+        src = chunk[:, layer]
+        if kv.v is None:
+            kv.k[layer].index_copy_(0, plan.slots, src.permute(1, 0, 2))
+            continue
+        k_dim = kv.k[layer].shape[2]
+        kv.k[layer].index_copy_(0, plan.slots, src[:, :, :k_dim].permute(1, 0, 2))
+        kv.v[layer].index_copy_(0, plan.slots, src[:, :, k_dim:].permute(1, 0, 2))

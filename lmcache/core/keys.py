@@ -1,0 +1,101 @@
+"""Token chunking and chunk keys.
+
+A prompt is cut into chunks of ``chunk_size`` tokens. Full chunk i gets the key
+
+    key_i = blake3(key_{i-1} || tokens[i*cs:(i+1)*cs] as little-endian uint32)[:16]
+    key_-1 = blake3("lmcache-chunk-key-v1" || model fingerprint || chunk_size || salt)[:16]
+
+so a key names the chunk *and everything before it* (prefix semantics), within one model identity and
+one salt (namespace). Keys depend only on tokens, model, chunk size and salt: not on the engine, its
+page size, its KV layout or its tensor-parallel size. blake3 is cryptographic, so a tenant cannot craft
+a prompt whose key collides with another prompt's and poison it.
+
+The trailing partial chunk is never stored and has no key. A later, longer prompt therefore reuses only
+the full chunks it shares and recomputes at most ``chunk_size - 1`` tokens; there is no partial object
+that could be mistaken for a longer one, so no wrong bytes can be loaded from a shorter store.
+"""
+
+from __future__ import annotations
+
+import array
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import blake3
+import numpy as np
+import torch
+
+from lmcache.core.geometry import ModelIdentity
+
+KEY_BYTES = 16
+_LITTLE = sys.byteorder == "little"
+
+
+def token_bytes(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> memoryview:
+    """The tokens as little-endian uint32 bytes, without a copy where the input already is that."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    if isinstance(tokens, np.ndarray):
+        arr = np.ascontiguousarray(tokens, dtype="<u4")
+        return memoryview(arr).cast("B")
+    # array.array('I') is ~3x faster than numpy at converting a Python list (vLLM hands us lists).
+    arr = array.array("I", tokens)
+    if arr.itemsize != 4:  # pragma: no cover - no such platform in practice
+        arr = array.array("L", tokens)
+    if not _LITTLE:  # pragma: no cover
+        arr.byteswap()
+    return memoryview(arr).cast("B")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectKey:
+    """Address of one stored object: a chunk key plus the KV-head range it holds.
+
+    The head range is part of the address, not of the chunk key, so tensor-parallel ranks that hold
+    different head shards of the same chunk store side by side under one chunk key.
+    """
+
+    chunk: bytes
+    head_start: int
+    head_end: int
+
+    def __str__(self) -> str:
+        return f"{self.chunk.hex()}@{self.head_start}-{self.head_end}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ObjectKey":
+        hexkey, _, heads = text.partition("@")
+        start, _, end = heads.partition("-")
+        return cls(bytes.fromhex(hexkey), int(start), int(end))
+
+
+class ChunkHasher:
+    """Chained chunk keys for one model identity, chunk size and salt."""
+
+    def __init__(self, identity: ModelIdentity, chunk_size: int, salt: str = "") -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size = {chunk_size}: must be > 0")
+        self.identity = identity
+        self.chunk_size = chunk_size
+        self.salt = salt
+        self.root = blake3.blake3(
+            b"lmcache-chunk-key-v1\0" + identity.fingerprint() + chunk_size.to_bytes(4, "little") + salt.encode()
+        ).digest(KEY_BYTES)
+
+    def num_full_chunks(self, num_tokens: int) -> int:
+        return num_tokens // self.chunk_size
+
+    def iter_keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> Iterator[bytes]:
+        """Keys of the full chunks, lazily: a lookup that stops at the first miss hashes no further."""
+        data = token_bytes(tokens)
+        step = self.chunk_size * 4
+        prev = self.root
+        for start in range(0, len(data) - step + 1, step):
+            h = blake3.blake3(prev)
+            h.update(data[start : start + step])
+            prev = h.digest(KEY_BYTES)
+            yield prev
+
+    def keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> list[bytes]:
+        return list(self.iter_keys(tokens))

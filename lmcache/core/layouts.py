@@ -1,0 +1,127 @@
+"""Layout descriptors: how an engine's paged KV memory is laid out, in engine-neutral terms.
+
+Adapters fill these in from the engine's tensors; converters (``lmcache.core.convert``, and the fast
+kernels of ``lmcache.hardware``) move tokens between them and canonical chunks. A slot is the index of
+one token's KV in the engine's memory; a negative slot means "no KV here: skip this token".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmcache.core.geometry import KIND_MLA, KVGeometry
+
+
+class LayoutError(ValueError):
+    """The engine's KV tensors do not match the model geometry; the message names what differs."""
+
+
+@dataclass
+class BlockPagedKV:
+    """Per-layer block views of logical shape ``[num_blocks, heads, block_size, row_dim]``.
+
+    This is vLLM 0.33's ``register_kv_caches`` layout: K then V concatenated in the last dim (MLA: the
+    latent row, heads == 1). Any physical order (LBNHC, LBHNC, block-first, ...) is accepted because
+    only the logical indexing is used; strides carry the physical order.
+    """
+
+    layers: list[torch.Tensor]
+    head_start: int = 0
+
+    @property
+    def num_heads(self) -> int:
+        return self.layers[0].shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.layers[0].shape[2]
+
+    @property
+    def num_slots(self) -> int:
+        return self.layers[0].shape[0] * self.layers[0].shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+    def check(self, geometry: KVGeometry) -> None:
+        _check_common(self.layers, geometry, self.head_start, "BlockPagedKV")
+        want = (self.num_heads, self.block_size, geometry.row_dim)
+        for i, t in enumerate(self.layers):
+            if t.dim() != 4 or (t.shape[1], t.shape[2], t.shape[3]) != want or t.shape[0] != self.layers[0].shape[0]:
+                raise LayoutError(
+                    f"BlockPagedKV layer {i} has shape {tuple(t.shape)}: expected [blocks, {want[0]}, {want[1]}, "
+                    f"{want[2]}] (row_dim = k_dim + v_dim = {geometry.k_dim} + {geometry.v_dim})"
+                )
+
+
+@dataclass
+class TokenSlotKV:
+    """Per-layer token-granular pools: MHA ``k[l]`` ``[slots, heads, k_dim]`` and ``v[l]`` ``[slots, heads, v_dim]``;
+    MLA ``k[l]`` ``[slots, 1, row_dim]`` and ``v = None`` (SGLang's ``k_buffer``/``v_buffer``/``kv_buffer``).
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor] | None = None
+    head_start: int = 0
+
+    @property
+    def num_heads(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    def check(self, geometry: KVGeometry) -> None:
+        _check_common(self.k, geometry, self.head_start, "TokenSlotKV")
+        mla = geometry.kind == KIND_MLA
+        if mla != (self.v is None):
+            raise LayoutError("TokenSlotKV: an MLA model has one kv pool (v=None); an MHA model needs both k and v pools")
+        k_dim = geometry.row_dim if mla else geometry.k_dim
+        for i, t in enumerate(self.k):
+            if t.dim() != 3 or tuple(t.shape[1:]) != (self.num_heads, k_dim) or t.shape[0] != self.num_slots:
+                raise LayoutError(f"TokenSlotKV k[{i}] has shape {tuple(t.shape)}: expected [slots, {self.num_heads}, {k_dim}]")
+        if self.v is not None:
+            if len(self.v) != len(self.k):
+                raise LayoutError(f"TokenSlotKV has {len(self.k)} k pools but {len(self.v)} v pools")
+            for i, t in enumerate(self.v):
+                if t.dim() != 3 or tuple(t.shape) != (self.num_slots, self.num_heads, geometry.v_dim) or t.dtype != geometry.dtype:
+                    raise LayoutError(
+                        f"TokenSlotKV v[{i}] has shape {tuple(t.shape)} {t.dtype}: expected "
+                        f"[{self.num_slots}, {self.num_heads}, {geometry.v_dim}] {geometry.dtype}"
+                    )
+
+
+KVLayout = BlockPagedKV | TokenSlotKV
+
+
+def _check_common(tensors: list[torch.Tensor], geometry: KVGeometry, head_start: int, what: str) -> None:
+    if len(tensors) != geometry.num_layers:
+        raise LayoutError(f"{what} has {len(tensors)} layers: the model geometry has {geometry.num_layers}")
+    heads = tensors[0].shape[1] if tensors[0].dim() >= 2 else 0
+    if head_start < 0 or heads <= 0 or head_start + heads > geometry.num_kv_heads:
+        raise LayoutError(
+            f"{what} holds heads [{head_start}, {head_start + heads}): must lie within the model's "
+            f"{geometry.num_kv_heads} KV heads (set head_start to this rank's first head)"
+        )
+    for i, t in enumerate(tensors):
+        if t.dtype != geometry.dtype:
+            raise LayoutError(f"{what} layer {i} has dtype {t.dtype}: the model geometry says {geometry.dtype}")
+        if t.device != tensors[0].device:
+            raise LayoutError(f"{what} layer {i} is on {t.device}, layer 0 on {tensors[0].device}: all layers must share a device")
+

@@ -1,0 +1,110 @@
+"""The CPU tier: chunks in the pooled host memory, LRU eviction, pinned entries never evicted."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from lmcache.core.chunk_format import ChunkHeader
+from lmcache.core.keys import ObjectKey
+from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
+from lmcache.core.tiers.stats import TierStats
+
+
+@dataclass(eq=False)
+class CpuEntry:
+    key: ObjectKey
+    header: ChunkHeader
+    obj: MemoryObj
+
+    def payload(self):
+        return self.obj.tensor(self.header.dtype, self.header.payload_shape)
+
+
+class CpuTier:
+    name = "cpu"
+
+    def __init__(self, pool: HostMemoryPool, on_evict: Callable[[CpuEntry], None] | None = None) -> None:
+        self.pool = pool
+        self.on_evict = on_evict
+        self.stats = TierStats()
+        self._entries: OrderedDict[ObjectKey, CpuEntry] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def contains(self, key: ObjectKey) -> bool:
+        """Pure membership test: no LRU touch, no statistics (lookups may be repeated freely)."""
+        return key in self._entries
+
+    def acquire(self, key: ObjectKey) -> CpuEntry | None:
+        """The entry with a reader's reference held (release it), or None. Counts a hit or a miss."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.stats.misses += 1
+                return None
+            entry.obj.ref()
+            self._entries.move_to_end(key)
+            self.stats.hits += 1
+            self.stats.bytes_out += entry.header.payload_nbytes
+            return entry
+
+    def release(self, entry: CpuEntry) -> None:
+        entry.obj.unref()
+
+    def reserve(self, nbytes: int) -> MemoryObj | None:
+        """Room for a new chunk, evicting least-recently-used unread chunks as needed; None if impossible."""
+        with self._lock:
+            obj = self.pool.allocate(nbytes)
+            while obj is None and self._evict_one():
+                obj = self.pool.allocate(nbytes)
+            return obj
+
+    def _evict_one(self) -> bool:
+        for key, entry in self._entries.items():
+            if entry.obj.refcount == 1:  # only the tier holds it: nobody is reading
+                del self._entries[key]
+                self.stats.evictions += 1
+                if self.on_evict is not None:
+                    self.on_evict(entry)
+                entry.obj.unref()
+                return True
+        return False
+
+    def commit(self, key: ObjectKey, header: ChunkHeader, obj: MemoryObj) -> bool:
+        """Publish a filled chunk. If another writer got there first, ours is dropped (same bytes)."""
+        with self._lock:
+            if key in self._entries:
+                obj.unref()
+                return False
+            self._entries[key] = CpuEntry(key, header, obj)
+            self.stats.stores += 1
+            self.stats.bytes_in += header.payload_nbytes
+            return True
+
+    def remove(self, key: ObjectKey) -> bool:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        entry.obj.unref()  # freed now, or when its last reader releases it
+        return True
+
+    def clear(self) -> int:
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        for entry in entries:
+            entry.obj.unref()
+        return len(entries)
+
+    def keys(self) -> Iterator[ObjectKey]:
+        with self._lock:
+            return iter(list(self._entries))
+
+    def usage(self) -> dict[str, int]:
+        return {"chunks": len(self._entries), **self.pool.stats()}
