@@ -7,6 +7,7 @@ tested bit-exact against them. A canonical chunk is ``[heads, layers, tokens, ro
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,34 @@ def plan_slots(kv: KVLayout, slots: torch.Tensor) -> SlotPlan:
     return SlotPlan(slots, positions, None, slots // n, slots % n)
 
 
+_local = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread reusable buffer: a fresh large allocation per chunk would page-fault every time."""
+    key = (dtype, device)
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _block_rows(t: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]] | None:
+    """View a logical ``[B, H, N, C]`` tensor as ``[B, H*N*C]`` rows when each block is contiguous
+    in memory (whatever its inner order), plus the inner physical shape and the permutation from
+    ``[nb, *physical]`` back to logical order. None when blocks are not contiguous (cross-layer layouts)."""
+    order = sorted((1, 2, 3), key=lambda d: -t.stride(d))
+    inner = t[0].permute([d - 1 for d in order]) if t.shape[0] else None
+    if inner is None or not inner.is_contiguous():
+        return None
+    flat = t.as_strided((t.shape[0], inner.numel()), (t.stride(0), 1))
+    phys = [0, *order]
+    return flat, [t.shape[d] for d in order], [phys.index(d) for d in range(4)]
+
+
 def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> None:
     """Copy the planned tokens of ``layers`` from ``kv`` into canonical ``out`` ``[heads, L, T, row_dim]``."""
     if plan.positions is not None:
@@ -59,7 +88,14 @@ def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> No
             dst = out[:, layer]
             if plan.blocks is not None:
                 nb = plan.blocks.numel()
-                picked = src.index_select(0, plan.blocks)  # [nb, H, N, C], whole blocks
+                rows = _block_rows(src)
+                if rows is None:
+                    picked = src.index_select(0, plan.blocks)  # [nb, H, N, C]
+                else:  # whole blocks as contiguous rows (memcpy speed), then one transposing copy
+                    flat, phys_shape, to_logical = rows
+                    tmp = _scratch(nb * flat.shape[1], src.dtype, src.device).view(nb, flat.shape[1])
+                    torch.index_select(flat, 0, plan.blocks, out=tmp)
+                    picked = tmp.view(nb, *phys_shape).permute(to_logical)
                 dst.view(heads, nb, tokens // nb, row).copy_(picked.permute(1, 0, 2, 3))
             else:
                 dst.copy_(src[plan.block_idx, :, plan.in_block, :].permute(1, 0, 2))
@@ -91,7 +127,15 @@ def scatter(kv: KVLayout, plan: SlotPlan, chunk: torch.Tensor, layers: range) ->
             src = chunk[:, layer]
             if plan.blocks is not None:
                 nb = plan.blocks.numel()
-                dst.index_copy_(0, plan.blocks, src.view(heads, nb, tokens // nb, row).permute(1, 0, 2, 3))
+                blocks_view = src.view(heads, nb, tokens // nb, row).permute(1, 0, 2, 3)  # [nb, H, N, C]
+                rows = _block_rows(dst)
+                if rows is None:
+                    dst.index_copy_(0, plan.blocks, blocks_view)
+                else:  # transpose into the engine's physical block order first, then copy whole rows
+                    flat, phys_shape, to_logical = rows
+                    tmp = _scratch(nb * flat.shape[1], dst.dtype, dst.device).view(nb, *phys_shape)
+                    tmp.permute(to_logical).copy_(blocks_view)
+                    flat.index_copy_(0, plan.blocks, tmp.view(nb, -1))
             else:
                 dst[plan.block_idx, :, plan.in_block, :] = src.permute(1, 0, 2)
         return

@@ -1,0 +1,230 @@
+"""``lmcache bench``: throughput and latency, each figure next to a physical limit measured in the same run.
+
+These machines are shared and noisy, so absolute numbers mean little; the ratio to a raw copy of the
+same bytes, measured moments before on the same machine, is what to compare across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from lmcache.core.geometry import MODEL_SHAPES, KVGeometry, ModelIdentity, model_shape
+from lmcache.core.layouts import BlockPagedKV, KVLayout, TokenSlotKV
+
+LAYOUTS = ("vllm-lbnhc", "vllm-lbhnc", "sglang")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from lmcache.cli.main import add_config_flags
+
+    bench = sub.add_parser("bench", help="measure the data path against same-run physical limits")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+
+    t = bsub.add_parser("transfer", help="store + retrieve throughput of the cache engine for a model shape")
+    t.add_argument("--model-shape", default="llama-3-8b", choices=sorted(MODEL_SHAPES))
+    t.add_argument("--tokens", type=int, default=8192, help="prompt length (default 8192)")
+    t.add_argument("--device", default="cpu", help="where the engine's paged KV memory lives: cpu or cuda")
+    t.add_argument("--layout", default="vllm-lbnhc", choices=LAYOUTS, help="engine KV layout to read and write")
+    t.add_argument("--block-size", type=int, default=16, help="engine block/page size in tokens")
+    t.add_argument("--repeats", type=int, default=3, help="timed repetitions; the best is reported")
+    t.add_argument("--json", action="store_true", help="machine-readable output")
+    add_config_flags(t)
+    t.set_defaults(func=cmd_transfer)
+
+    lk = bsub.add_parser("lookup", help="hash + prefix lookup latency of a long prompt, all chunks cached")
+    lk.add_argument("--tokens", type=int, default=131072)
+    lk.add_argument("--repeats", type=int, default=50)
+    lk.add_argument("--json", action="store_true", help="machine-readable output")
+    add_config_flags(lk)
+    lk.set_defaults(func=cmd_lookup)
+
+
+class Progress:
+    """One status line on stderr per step; silent with --json so stdout stays clean either way."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None, sync=None) -> float:
+    times = []
+    for _ in range(max(1, repeats)):
+        if before:
+            before()
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def make_layout(geometry: KVGeometry, kind: str, num_slots: int, block_size: int, device: torch.device,
+                fill: bool) -> tuple[KVLayout, torch.Tensor]:
+    """An engine-shaped KV memory with ``num_slots`` slots in one allocation (as vLLM 0.33 and SGLang do)."""
+    L, H, C = geometry.num_layers, geometry.num_kv_heads, geometry.row_dim
+    B = -(-num_slots // block_size)
+    if kind == "sglang":
+        if geometry.kind == "mla":
+            storage = torch.empty(L, B * block_size, H, C, dtype=geometry.dtype, device=device)
+            layout: KVLayout = TokenSlotKV([storage[l] for l in range(L)])
+        else:
+            storage = torch.empty(2, L, B * block_size, H, max(geometry.k_dim, geometry.v_dim), dtype=geometry.dtype, device=device)
+            layout = TokenSlotKV([storage[0, l, :, :, : geometry.k_dim] for l in range(L)],
+                                 [storage[1, l, :, :, : geometry.v_dim] for l in range(L)])
+    elif kind == "vllm-lbnhc":
+        storage = torch.empty(L, B, block_size, H, C, dtype=geometry.dtype, device=device)
+        layout = BlockPagedKV([storage[l].permute(0, 2, 1, 3) for l in range(L)])
+    else:
+        storage = torch.empty(L, B, H, block_size, C, dtype=geometry.dtype, device=device)
+        layout = BlockPagedKV([storage[l] for l in range(L)])
+    if fill:
+        storage.view(-1).view(torch.int64).random_()  # every bit pattern, NaNs included
+    return layout, storage
+
+
+def random_slots(num_tokens: int, num_slots: int, block_size: int, device: torch.device, seed: int) -> torch.Tensor:
+    """Whole blocks at random places, as an engine's block table hands them out."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randperm(num_slots // block_size, generator=g)[: -(-num_tokens // block_size)]
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:num_tokens]
+    return slots.to(device)
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from lmcache.cli.main import config_from_args, emit, table
+    from lmcache.core.engine import CacheEngine
+
+    say = Progress(args.json)
+    geometry = model_shape(args.model_shape)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
+    cfg0 = config_from_args(args)
+    tokens = (args.tokens // cfg0.chunk_size) * cfg0.chunk_size
+    if tokens <= 0:
+        raise ValueError(f"--tokens {args.tokens}: need at least one full chunk of {cfg0.chunk_size} tokens")
+    if args.block_size <= 0 or cfg0.chunk_size % args.block_size:
+        raise ValueError(f"--block-size {args.block_size}: must divide chunk_size {cfg0.chunk_size}")
+    nbytes = tokens * geometry.bytes_per_token()
+    # room for the whole prompt plus allocator slack, whatever the config says
+    pool_gb = max(cfg0.max_cpu_size_gb, nbytes * 1.05 / 2**30 + 0.01)
+    cfg = cfg0.replace(max_cpu_size_gb=pool_gb)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+    num_slots = tokens + tokens // 4
+    say(f"allocating 2 x {nbytes / 2**30:.2f} GiB of {args.layout} KV memory on {device} "
+        f"({args.model_shape}, {tokens} tokens) and filling the source with random bytes")
+    src, src_storage = make_layout(geometry, args.layout, num_slots, args.block_size, device, fill=True)
+    dst, dst_storage = make_layout(geometry, args.layout, num_slots, args.block_size, device, fill=False)
+    src_slots = random_slots(tokens, num_slots, args.block_size, device, seed=1)
+    dst_slots = random_slots(tokens, num_slots, args.block_size, device, seed=2)
+    prompt = torch.randint(0, 128000, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    engine = CacheEngine(cfg, ModelIdentity(f"bench/{args.model_shape}", geometry), device=device)
+    say(f"hardware backend: {engine.backend.name}; CPU pool {pool_gb:.2f} GiB (pinned: {engine.cpu.pool.pinned})")
+
+    # Same-run physical limits: a flat copy of the same number of bytes, between the same kinds of memory.
+    pool_bytes = engine.cpu.pool.buffer[:nbytes]
+    src_flat = src_storage.view(-1).view(torch.uint8)[:nbytes]
+    dst_flat = dst_storage.view(-1).view(torch.uint8)[:nbytes]
+    say("measuring raw copy bandwidth (engine memory -> host pool, and back)")
+    pool_bytes.copy_(src_flat)  # touch the pool pages once, as a warm engine would have
+    raw_d2h = nbytes / _best_seconds(lambda: pool_bytes.copy_(src_flat, non_blocking=True), args.repeats, sync=sync)
+    raw_h2d = nbytes / _best_seconds(lambda: dst_flat.copy_(pool_bytes, non_blocking=True), args.repeats, sync=sync)
+
+    say("timing store (paged engine memory -> canonical chunks in the CPU tier)")
+    store_s = _best_seconds(lambda: engine.store(prompt, src, src_slots), args.repeats, before=engine.clear, sync=sync)
+    say("timing retrieve (CPU tier -> paged engine memory)")
+    retrieve_s = _best_seconds(lambda: engine.retrieve(prompt, dst, dst_slots), args.repeats, sync=sync)
+    lookup_s = _best_seconds(lambda: engine.lookup(prompt), max(args.repeats, 5))
+
+    say("verifying every retrieved byte against the source")
+    exact = _verify(src, src_slots, dst, dst_slots)
+    engine.close()
+
+    store_gbs, retrieve_gbs = nbytes / store_s / 1e9, nbytes / retrieve_s / 1e9
+    data = {
+        "model_shape": args.model_shape, "tokens": tokens, "bytes": nbytes, "device": str(device),
+        "layout": args.layout, "block_size": args.block_size, "backend": engine.backend.name,
+        "threads": getattr(engine.backend, "threads", None),
+        "store_gbps": store_gbs, "raw_store_copy_gbps": raw_d2h / 1e9, "store_ratio": store_gbs / (raw_d2h / 1e9),
+        "retrieve_gbps": retrieve_gbs, "raw_retrieve_copy_gbps": raw_h2d / 1e9,
+        "retrieve_ratio": retrieve_gbs / (raw_h2d / 1e9), "lookup_ms": lookup_s * 1e3, "bit_exact": exact,
+    }
+
+    def render(d: dict) -> None:
+        table(
+            f"lmcache bench transfer: {d['model_shape']}, {d['tokens']} tokens ({d['bytes'] / 2**30:.2f} GiB), "
+            f"{d['layout']} block {d['block_size']} on {d['device']}, backend {d['backend']}",
+            ["operation", "GB/s", "same-run raw copy GB/s", "ratio"],
+            [["store", f"{d['store_gbps']:.2f}", f"{d['raw_store_copy_gbps']:.2f}", f"{d['store_ratio']:.0%}"],
+             ["retrieve", f"{d['retrieve_gbps']:.2f}", f"{d['raw_retrieve_copy_gbps']:.2f}", f"{d['retrieve_ratio']:.0%}"]],
+        )
+        print(f"lookup of the whole prompt: {d['lookup_ms']:.2f} ms; retrieved bytes bit-exact: {d['bit_exact']}")
+
+    emit(args, data, render)
+    return 0 if exact else 1
+
+
+def _verify(src: KVLayout, src_slots: torch.Tensor, dst: KVLayout, dst_slots: torch.Tensor) -> bool:
+    def tokens_of(kv: KVLayout, slots: torch.Tensor, layer: int) -> torch.Tensor:
+        if isinstance(kv, BlockPagedKV):
+            n = kv.block_size
+            return kv.layers[layer][slots // n, :, slots % n, :]
+        k = kv.k[layer][slots]
+        return k if kv.v is None else torch.cat([k, kv.v[layer][slots]], dim=-1)
+
+    def raw(t: torch.Tensor) -> torch.Tensor:  # compare bits, not values: random bits include NaNs
+        return t.contiguous().view(torch.uint8)
+
+    layers = len(src.layers) if isinstance(src, BlockPagedKV) else len(src.k)
+    return all(torch.equal(raw(tokens_of(src, src_slots, l)), raw(tokens_of(dst, dst_slots, l))) for l in range(layers))
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    from lmcache.cli.main import config_from_args, emit, table
+    from lmcache.core.engine import CacheEngine
+
+    cfg = config_from_args(args)
+    geometry = MODEL_SHAPES["tiny"]  # lookup cost does not depend on the KV geometry
+    tokens = (args.tokens // cfg.chunk_size) * cfg.chunk_size
+    nbytes = tokens * geometry.bytes_per_token()
+    cfg = cfg.replace(max_cpu_size_gb=max(cfg.max_cpu_size_gb, nbytes * 1.1 / 2**30 + 0.01))
+    engine = CacheEngine(cfg, ModelIdentity("bench/lookup", geometry), device="cpu")
+    kv, _ = make_layout(geometry, "vllm-lbnhc", tokens, 16, torch.device("cpu"), fill=False)
+    prompt = torch.randint(0, 150000, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.store(prompt, kv, torch.arange(tokens))
+    times = []
+    for _ in range(max(1, args.repeats)):
+        t0 = time.perf_counter()
+        hit = engine.lookup(prompt)
+        times.append(time.perf_counter() - t0)
+    hasher = engine.hasher()
+    hash_times = []
+    for _ in range(max(1, args.repeats)):
+        t0 = time.perf_counter()
+        hasher.keys(prompt)
+        hash_times.append(time.perf_counter() - t0)
+    data = {"tokens": tokens, "chunks": tokens // cfg.chunk_size, "hit_tokens": hit,
+            "lookup_ms_median": statistics.median(times) * 1e3, "lookup_ms_best": min(times) * 1e3,
+            "hash_only_ms_median": statistics.median(hash_times) * 1e3, "input": "list[int]"}
+    emit(args, data, lambda d: table(
+        f"lmcache bench lookup: {d['tokens']} tokens ({d['chunks']} chunks) as a Python list, all cached",
+        ["what", "median ms", "best ms"],
+        [["hash + lookup", f"{d['lookup_ms_median']:.2f}", f"{d['lookup_ms_best']:.2f}"],
+         ["hash only", f"{d['hash_only_ms_median']:.2f}", "-"]]))
+    return 0 if hit == tokens else 1

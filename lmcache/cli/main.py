@@ -1,0 +1,99 @@
+"""The ``lmcache`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from lmcache import __version__
+from lmcache.core.config import ConfigError, describe_keys, load_config, parse_set_flags
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config file (default: $LMCACHE_CONFIG_FILE)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, **flag_overrides: Any) -> Any:
+    overrides = parse_set_flags(args.set)
+    overrides.update({k: v for k, v in flag_overrides.items() if v is not None})
+    return load_config(args.config, overrides=overrides)
+
+
+def emit(args: argparse.Namespace, data: Any, render) -> None:
+    """--json prints machine-readable data; otherwise a table for people."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        render(data)
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    Console(width=max(100, Console().width)).print(t)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    data = {k: {"value": v, "source": cfg.source_of(k)} for k, v in cfg.as_dict().items()}
+    emit(args, data, lambda d: table("effective lmcache config", ["key", "value", "from"],
+                                     [[k, repr(x["value"]), x["source"]] for k, x in d.items()]))
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    data = [{"key": k, "type": t, "default": d, "doc": doc} for k, t, d, doc in describe_keys()]
+    emit(args, data, lambda d: table("lmcache config keys (env: LMCACHE_<KEY>)", ["key", "type", "default", "doc"],
+                                     [[x["key"], x["type"], repr(x["default"]), x["doc"]] for x in d]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmcache.cli import bench
+
+    parser = argparse.ArgumentParser(prog="lmcache", description="Engine-agnostic KV-cache layer for LLM serving.")
+    parser.add_argument("--version", action="version", version=f"lmcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    cfg = sub.add_parser("config", help="show the effective config or the list of keys")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    show = cfg_sub.add_parser("show", help="effective config, with where each value came from")
+    add_config_flags(show)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=cmd_config_show)
+    keys = cfg_sub.add_parser("keys", help="every config key with its default and doc line")
+    keys.add_argument("--json", action="store_true", help="machine-readable output")
+    keys.set_defaults(func=cmd_config_keys)
+
+    bench.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return func(args)
+    except (ConfigError, ValueError) as e:
+        print(f"lmcache: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmcache: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
