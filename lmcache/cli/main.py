@@ -39,7 +39,9 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*[str(x) for x in r])
-    Console(width=max(100, Console().width)).print(t)
+    console = Console()
+    # piped output (logs, CI) gets a wide table instead of folded cells
+    Console(width=console.width if console.is_terminal else 200).print(t)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

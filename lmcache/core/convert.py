@@ -50,6 +50,12 @@ def plan_slots(kv: KVLayout, slots: torch.Tensor) -> SlotPlan:
 
 
 _local = threading.local()
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Move bits, not values: integer views have every kernel (fp8 lacks some) and no NaN semantics."""
+    return t.view(_BITS[t.element_size()])
 
 
 def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -81,10 +87,11 @@ def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> No
     """Copy the planned tokens of ``layers`` from ``kv`` into canonical ``out`` ``[heads, L, T, row_dim]``."""
     if plan.positions is not None:
         raise ValueError("gather needs a KV slot for every token of the chunk (found negative slots)")
+    out = _bits(out)
     if isinstance(kv, BlockPagedKV):
         heads, tokens, row = out.shape[0], out.shape[2], out.shape[3]
         for layer in layers:
-            src = kv.layers[layer]
+            src = _bits(kv.layers[layer])
             dst = out[:, layer]
             if plan.blocks is not None:
                 nb = plan.blocks.numel()
@@ -105,17 +112,18 @@ def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> No
 
 def _gather_token_slots(kv: TokenSlotKV, slots: torch.Tensor, out: torch.Tensor, layers: range) -> None:
     for layer in layers:
-        k = kv.k[layer].index_select(0, slots)  # [T, H, Dk]
+        k = _bits(kv.k[layer]).index_select(0, slots)  # [T, H, Dk]
         if kv.v is None:
             out[:, layer].copy_(k.permute(1, 0, 2))
             continue
         k_dim = k.shape[2]
         out[:, layer, :, :k_dim].copy_(k.permute(1, 0, 2))
-        out[:, layer, :, k_dim:].copy_(kv.v[layer].index_select(0, slots).permute(1, 0, 2))
+        out[:, layer, :, k_dim:].copy_(_bits(kv.v[layer]).index_select(0, slots).permute(1, 0, 2))
 
 
 def scatter(kv: KVLayout, plan: SlotPlan, chunk: torch.Tensor, layers: range) -> None:
     """Copy canonical ``chunk`` ``[heads, L, T, row_dim]`` into the planned slots of ``kv``."""
+    chunk = _bits(chunk)
     if chunk.device != kv.device:
         chunk = chunk.to(kv.device, non_blocking=True)
     if plan.positions is not None:
@@ -123,7 +131,7 @@ def scatter(kv: KVLayout, plan: SlotPlan, chunk: torch.Tensor, layers: range) ->
     if isinstance(kv, BlockPagedKV):
         heads, tokens, row = chunk.shape[0], chunk.shape[2], chunk.shape[3]
         for layer in layers:
-            dst = kv.layers[layer]
+            dst = _bits(kv.layers[layer])
             src = chunk[:, layer]
             if plan.blocks is not None:
                 nb = plan.blocks.numel()
@@ -141,9 +149,10 @@ def scatter(kv: KVLayout, plan: SlotPlan, chunk: torch.Tensor, layers: range) ->
         return
     for layer in layers:
         src = chunk[:, layer]
+        k = _bits(kv.k[layer])
         if kv.v is None:
-            kv.k[layer].index_copy_(0, plan.slots, src.permute(1, 0, 2))
+            k.index_copy_(0, plan.slots, src.permute(1, 0, 2))
             continue
-        k_dim = kv.k[layer].shape[2]
-        kv.k[layer].index_copy_(0, plan.slots, src[:, :, :k_dim].permute(1, 0, 2))
-        kv.v[layer].index_copy_(0, plan.slots, src[:, :, k_dim:].permute(1, 0, 2))
+        k_dim = k.shape[2]
+        k.index_copy_(0, plan.slots, src[:, :, :k_dim].permute(1, 0, 2))
+        _bits(kv.v[layer]).index_copy_(0, plan.slots, src[:, :, k_dim:].permute(1, 0, 2))

@@ -1,0 +1,73 @@
+"""The real console script, in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import lmcache
+
+
+def run(*args, env=None):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "lmcache.cli.main", *args], capture_output=True, text=True,
+                          env=full_env, timeout=300)
+
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"lmcache {lmcache.__version__}"
+
+
+def test_config_show_reports_sources(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("chunk_size: 512\n")
+    r = run("config", "show", "--json", "--config", str(f), "--set", "cache_salt=x", env={"LMCACHE_MAX_CPU_SIZE_GB": "1.5"})
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["chunk_size"] == {"value": 512, "source": f"file {f}"}
+    assert data["max_cpu_size_gb"] == {"value": 1.5, "source": "env LMCACHE_MAX_CPU_SIZE_GB"}
+    assert data["cache_salt"] == {"value": "x", "source": "command line"}
+    human = run("config", "show", "--config", str(f))
+    assert "chunk_size" in human.stdout and f"file {f}" in human.stdout
+
+
+def test_bad_config_is_one_line_with_exit_code_2():
+    r = run("config", "show", "--set", "max_cpu_size_gb=-2")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert "max_cpu_size_gb" in r.stderr and "-2" in r.stderr and "a number > 0" in r.stderr
+
+
+def test_config_keys_lists_docs():
+    r = run("config", "keys", "--json")
+    keys = {k["key"]: k for k in json.loads(r.stdout)}
+    assert keys["chunk_size"]["default"] == 256 and keys["chunk_size"]["doc"]
+
+
+def test_bench_transfer_json_is_bit_exact_and_has_ratios():
+    r = run("bench", "transfer", "--model-shape", "tiny", "--tokens", "2048", "--repeats", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["bit_exact"] is True and d["tokens"] == 2048
+    assert d["store_ratio"] > 0 and d["retrieve_ratio"] > 0 and d["raw_store_copy_gbps"] > 0
+
+
+def test_bench_transfer_human_output_and_progress():
+    r = run("bench", "transfer", "--model-shape", "tiny", "--tokens", "1024", "--layout", "sglang", "--repeats", "1")
+    assert r.returncode == 0, r.stderr
+    assert "store" in r.stdout and "ratio" in r.stdout and "bit-exact: True" in r.stdout
+    assert "measuring raw copy bandwidth" in r.stderr
+
+
+def test_bench_lookup():
+    r = run("bench", "lookup", "--tokens", "8192", "--repeats", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["hit_tokens"] == 8192 and d["lookup_ms_median"] > 0
+
+
+def test_bench_rejects_bad_flags_clearly():
+    r = run("bench", "transfer", "--tokens", "10")
+    assert r.returncode == 2 and "--tokens 10: need at least one full chunk of 256 tokens" in r.stderr
