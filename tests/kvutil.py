@@ -8,7 +8,7 @@ from lmcache.core.geometry import KIND_MLA, KVGeometry
 from lmcache.core.layouts import BlockPagedKV, TokenSlotKV
 
 # vLLM 0.33's physical orders over logical [L, B, H, N, C] (vllm/v1/kv_cache_layout.py)
-VLLM_ORDERS = ("LBNHC", "LBHNC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
+VLLM_ORDERS = ("LBNHC", "LBHNC", "LHBNC", "BLHNC", "BLNHC", "BHLNC", "LBNHC/sep", "LBHNC/sep")
 
 FLOAT8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, *FLOAT8]
@@ -23,8 +23,14 @@ def random_bits(t: torch.Tensor, seed: int) -> torch.Tensor:
 
 def vllm_layout(order: str, geometry: KVGeometry, num_blocks: int, block_size: int, seed: int = 0,
                 heads: int | None = None, head_start: int = 0) -> BlockPagedKV:
-    """One allocation in ``order``; each layer a strided logical [B, H, N, C] view of it."""
+    """One allocation in ``order``; each layer a strided logical [B, H, N, C] view of it.
+    ``order`` ending in "/sep": one allocation per layer (older engines), so no whole-chunk fast path."""
     h = heads or geometry.num_kv_heads
+    if order.endswith("/sep"):
+        one = KVGeometry(1, geometry.num_kv_heads, geometry.k_dim, geometry.v_dim, geometry.dtype, geometry.kind)
+        layers = [vllm_layout(order[:-4], one, num_blocks, block_size, seed + l, heads).layers[0]
+                  for l in range(geometry.num_layers)]
+        return BlockPagedKV(layers, head_start=head_start)
     sizes = {"L": geometry.num_layers, "B": num_blocks, "H": h, "N": block_size, "C": geometry.row_dim}
     storage = random_bits(torch.empty([sizes[c] for c in order], dtype=geometry.dtype), seed)
     rest = order.replace("L", "")

@@ -149,3 +149,10 @@ def _head_shard(kv, start: int, count: int):
     if isinstance(kv, BlockPagedKV):
         return BlockPagedKV([t[:, start : start + count] for t in kv.layers], head_start=start)
     return TokenSlotKV([t[:, start : start + count] for t in kv.k], [t[:, start : start + count] for t in kv.v], start)
+
+
+def test_whole_chunk_fast_path_applies_to_one_allocation_only():
+    g = KVGeometry(3, 2, 8, 8, torch.bfloat16)
+    for order in ("LBNHC", "LBHNC", "BLHNC"):
+        assert convert.row_map(vllm_layout(order, g, 8, 4)) is not None, order
+    assert convert.row_map(vllm_layout("LBNHC/sep", g, 8, 4)) is None

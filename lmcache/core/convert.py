@@ -50,12 +50,25 @@ def plan_slots(kv: KVLayout, slots: torch.Tensor) -> SlotPlan:
 
 
 _local = threading.local()
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_WIDTHS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Move bits, not values: integer views have every kernel (fp8 lacks some) and no NaN semantics."""
-    return t.view(_BITS[t.element_size()])
+def _widen(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same bytes viewed through the widest element type all of ``tensors`` allow.
+
+    Bits, not values: no kernel sees a float, so fp8 (which lacks some kernels) and NaN payloads move
+    exactly. Wide: torch's index kernels move one element per step, so viewing a bf16 row as 16-byte
+    elements makes index_copy_ ~8x faster (measured) and index_select/copy_ no slower.
+    """
+    size = tensors[0].element_size()
+    for dt in _WIDTHS:
+        if dt.itemsize < size:
+            break
+        try:
+            return tuple(t.view(dt) for t in tensors)
+        except RuntimeError:  # last dim not contiguous, or sizes/offsets not divisible: try narrower
+            continue
+    raise TypeError(f"cannot view {tensors[0].dtype} tensors as raw bits")
 
 
 def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -83,76 +96,139 @@ def _block_rows(t: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]] | 
     return flat, [t.shape[d] for d in order], [phys.index(d) for d in range(4)]
 
 
+@dataclass(frozen=True)
+class RowMap:
+    """A BlockPagedKV whose layers all live in one allocation with the same strides (vLLM 0.33 allocates
+    them so) seen as one table of ``row_dim``-wide rows: row(layer, head, slot) is affine in all three.
+    A whole chunk (every layer and head) then moves with one index_select / index_copy_: one pass over
+    the bytes, no transposing temporary."""
+
+    rows: torch.Tensor  # [R, C'] over the whole allocation, widened
+    base: torch.Tensor  # [H, L, 1]: row of (head, layer) at slot 0
+    block_stride: int
+    token_stride: int
+    block_size: int
+
+    def index(self, slots: torch.Tensor) -> torch.Tensor:
+        at = (slots // self.block_size) * self.block_stride + (slots % self.block_size) * self.token_stride
+        return (self.base + at.view(1, 1, -1)).view(-1)  # canonical order: head, layer, token
+
+
+def row_map(kv: BlockPagedKV) -> RowMap | None:
+    cached = kv.__dict__.get("_row_map", False)
+    if cached is not False:
+        return cached
+    kv.__dict__["_row_map"] = rm = _build_row_map(kv)
+    return rm
+
+
+def _build_row_map(kv: BlockPagedKV) -> RowMap | None:
+    first = kv.layers[0]
+    storage = first.untyped_storage()
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() or t.stride() != first.stride() for t in kv.layers):
+        return None
+    (wide,) = _widen(first)
+    c = wide.shape[3]
+    ratio = wide.element_size() // first.element_size()
+    if wide.stride(3) != 1 or any(t.storage_offset() % (c * ratio) for t in kv.layers):
+        return None
+    sb, sh, sn = (wide.stride(d) for d in (0, 1, 2))
+    if sb % c or sh % c or sn % c:
+        return None
+    total_rows = storage.nbytes() // (c * wide.element_size())
+    rows = torch.empty(0, dtype=wide.dtype, device=first.device).set_(storage, 0, (total_rows, c), (c, 1))
+    layer_rows = torch.tensor([t.storage_offset() // (c * ratio) for t in kv.layers], device=first.device)
+    heads = torch.arange(kv.num_heads, device=first.device) * (sh // c)
+    base = (heads.view(-1, 1, 1) + layer_rows.view(1, -1, 1))
+    return RowMap(rows, base, sb // c, sn // c, kv.block_size)
+
+
 def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> None:
     """Copy the planned tokens of ``layers`` from ``kv`` into canonical ``out`` ``[heads, L, T, row_dim]``."""
     if plan.positions is not None:
         raise ValueError("gather needs a KV slot for every token of the chunk (found negative slots)")
-    out = _bits(out)
-    if isinstance(kv, BlockPagedKV):
-        heads, tokens, row = out.shape[0], out.shape[2], out.shape[3]
-        for layer in layers:
-            src = _bits(kv.layers[layer])
-            dst = out[:, layer]
-            if plan.blocks is not None:
-                nb = plan.blocks.numel()
-                rows = _block_rows(src)
-                if rows is None:
-                    picked = src.index_select(0, plan.blocks)  # [nb, H, N, C]
-                else:  # whole blocks as contiguous rows (memcpy speed), then one transposing copy
-                    flat, phys_shape, to_logical = rows
-                    tmp = _scratch(nb * flat.shape[1], src.dtype, src.device).view(nb, flat.shape[1])
-                    torch.index_select(flat, 0, plan.blocks, out=tmp)
-                    picked = tmp.view(nb, *phys_shape).permute(to_logical)
-                dst.view(heads, nb, tokens // nb, row).copy_(picked.permute(1, 0, 2, 3))
-            else:
-                dst.copy_(src[plan.block_idx, :, plan.in_block, :].permute(1, 0, 2))
-    else:
+    if isinstance(kv, BlockPagedKV) and len(layers) == len(kv.layers) and out.is_contiguous():
+        rm = row_map(kv)
+        if rm is not None:
+            (dst,) = _widen(out)
+            torch.index_select(rm.rows, 0, rm.index(plan.slots), out=dst.view(-1, rm.rows.shape[1]))
+            return
+    if not isinstance(kv, BlockPagedKV):
         _gather_token_slots(kv, plan.slots, out, layers)
+        return
+    for layer in layers:
+        src, dst = _widen(kv.layers[layer], out[:, layer])  # [B, H, N, C], [heads, T, C]
+        heads, tokens, row = dst.shape
+        if plan.blocks is None:
+            dst.copy_(src[plan.block_idx, :, plan.in_block, :].permute(1, 0, 2))
+            continue
+        nb = plan.blocks.numel()
+        rows = _block_rows(src)
+        if rows is None:
+            picked = src.index_select(0, plan.blocks)  # [nb, H, N, C]
+        else:  # whole blocks as contiguous rows (memcpy speed), then one transposing copy
+            flat, phys_shape, to_logical = rows
+            tmp = _scratch(nb * flat.shape[1], src.dtype, src.device).view(nb, flat.shape[1])
+            torch.index_select(flat, 0, plan.blocks, out=tmp)
+            picked = tmp.view(nb, *phys_shape).permute(to_logical)
+        dst.view(heads, nb, tokens // nb, row).copy_(picked.permute(1, 0, 2, 3))
 
 
 def _gather_token_slots(kv: TokenSlotKV, slots: torch.Tensor, out: torch.Tensor, layers: range) -> None:
     for layer in layers:
-        k = _bits(kv.k[layer]).index_select(0, slots)  # [T, H, Dk]
         if kv.v is None:
-            out[:, layer].copy_(k.permute(1, 0, 2))
+            k, dst = _widen(kv.k[layer], out[:, layer])
+            dst.copy_(k.index_select(0, slots).permute(1, 0, 2))
             continue
-        k_dim = k.shape[2]
-        out[:, layer, :, :k_dim].copy_(k.permute(1, 0, 2))
-        out[:, layer, :, k_dim:].copy_(_bits(kv.v[layer]).index_select(0, slots).permute(1, 0, 2))
+        k_dim = kv.k[layer].shape[2]
+        k, dst_k = _widen(kv.k[layer], out[:, layer, :, :k_dim])
+        dst_k.copy_(k.index_select(0, slots).permute(1, 0, 2))  # [T, H, Dk] -> [H, T, Dk]
+        v, dst_v = _widen(kv.v[layer], out[:, layer, :, k_dim:])
+        dst_v.copy_(v.index_select(0, slots).permute(1, 0, 2))
 
 
 def scatter(kv: KVLayout, plan: SlotPlan, chunk: torch.Tensor, layers: range) -> None:
     """Copy canonical ``chunk`` ``[heads, L, T, row_dim]`` into the planned slots of ``kv``."""
-    chunk = _bits(chunk)
     if chunk.device != kv.device:
         chunk = chunk.to(kv.device, non_blocking=True)
     if plan.positions is not None:
         chunk = chunk.index_select(2, plan.positions)
-    if isinstance(kv, BlockPagedKV):
-        heads, tokens, row = chunk.shape[0], chunk.shape[2], chunk.shape[3]
-        for layer in layers:
-            dst = _bits(kv.layers[layer])
-            src = chunk[:, layer]
-            if plan.blocks is not None:
-                nb = plan.blocks.numel()
-                blocks_view = src.view(heads, nb, tokens // nb, row).permute(1, 0, 2, 3)  # [nb, H, N, C]
-                rows = _block_rows(dst)
-                if rows is None:
-                    dst.index_copy_(0, plan.blocks, blocks_view)
-                else:  # transpose into the engine's physical block order first, then copy whole rows
-                    flat, phys_shape, to_logical = rows
-                    tmp = _scratch(nb * flat.shape[1], dst.dtype, dst.device).view(nb, *phys_shape)
-                    tmp.permute(to_logical).copy_(blocks_view)
-                    flat.index_copy_(0, plan.blocks, tmp.view(nb, -1))
-            else:
-                dst[plan.block_idx, :, plan.in_block, :] = src.permute(1, 0, 2)
+    if isinstance(kv, BlockPagedKV) and len(layers) == len(kv.layers):
+        rm = row_map(kv)
+        if rm is not None:
+            (src,) = _widen(chunk.contiguous())
+            rm.rows.index_copy_(0, rm.index(plan.slots), src.view(-1, rm.rows.shape[1]))
+            return
+    if not isinstance(kv, BlockPagedKV):
+        _scatter_token_slots(kv, plan.slots, chunk, layers)
         return
     for layer in layers:
-        src = chunk[:, layer]
-        k = _bits(kv.k[layer])
-        if kv.v is None:
-            k.index_copy_(0, plan.slots, src.permute(1, 0, 2))
+        dst, src = _widen(kv.layers[layer], chunk[:, layer])  # [B, H, N, C], [heads, T, C]
+        heads, tokens, row = src.shape
+        if plan.blocks is None:
+            dst[plan.block_idx, :, plan.in_block, :] = src.permute(1, 0, 2)
             continue
-        k_dim = k.shape[2]
-        k.index_copy_(0, plan.slots, src[:, :, :k_dim].permute(1, 0, 2))
-        _bits(kv.v[layer]).index_copy_(0, plan.slots, src[:, :, k_dim:].permute(1, 0, 2))
+        nb = plan.blocks.numel()
+        blocks_view = src.view(heads, nb, tokens // nb, row).permute(1, 0, 2, 3)  # [nb, H, N, C]
+        rows = _block_rows(dst)
+        if rows is None:
+            dst.index_copy_(0, plan.blocks, blocks_view)
+            continue
+        # transpose into the engine's physical block order first, then copy whole rows
+        flat, phys_shape, to_logical = rows
+        tmp = _scratch(nb * flat.shape[1], dst.dtype, dst.device).view(nb, *phys_shape)
+        tmp.permute(to_logical).copy_(blocks_view)
+        flat.index_copy_(0, plan.blocks, tmp.view(nb, -1))
+
+
+def _scatter_token_slots(kv: TokenSlotKV, slots: torch.Tensor, chunk: torch.Tensor, layers: range) -> None:
+    for layer in layers:
+        if kv.v is None:
+            k, src = _widen(kv.k[layer], chunk[:, layer])
+            k.index_copy_(0, slots, src.permute(1, 0, 2))
+            continue
+        k_dim = kv.k[layer].shape[2]
+        k, src_k = _widen(kv.k[layer], chunk[:, layer, :, :k_dim])
+        k.index_copy_(0, slots, src_k.permute(1, 0, 2))
+        v, src_v = _widen(kv.v[layer], chunk[:, layer, :, k_dim:])
+        v.index_copy_(0, slots, src_v.permute(1, 0, 2))

@@ -43,9 +43,13 @@ class CpuBackend:
                 fn(kv, plan, chunk, layers)
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lmcache-copy")
-        # one task per (chunk, layer group): enough tasks to balance, few enough to keep overhead low
-        step = max(1, len(layers) // 2)
+            # each worker runs single-threaded torch ops: our pool is the parallelism, and torch's own
+            # intra-op threads on top of it would oversubscribe the cores (the setting is per thread)
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lmcache-copy",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+        # whole chunks per task when there are enough of them (converters move a whole chunk in one
+        # op where the layout allows); otherwise split the layers of the few chunks
+        step = len(layers) if len(jobs) >= 2 * self.threads else max(1, len(layers) // self.threads)
         tasks = [(plan, chunk, range(s, min(s + step, len(layers)))) for plan, chunk in jobs
                  for s in range(0, len(layers), step)]
         for f in [self._pool.submit(fn, kv, p, c, r) for p, c, r in tasks]:
