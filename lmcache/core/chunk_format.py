@@ -113,7 +113,7 @@ def payload_checksum(payload: torch.Tensor | memoryview | bytes) -> int:
 
 def encode(header: ChunkHeader, payload: torch.Tensor) -> tuple[bytes, memoryview]:
     """(header bytes with the payload checksum filled in, payload bytes): write both, in order, no copy."""
-    view = byte_view(payload)
+    view = byte_view(payload.contiguous().view(torch.uint8).view(-1))
     if len(view) != header.payload_nbytes:
         raise ValueError(f"payload is {len(view)} bytes, header says {header.payload_nbytes}")
     sealed = ChunkHeader(**{**header.__dict__, "checksum": payload_checksum(view)})

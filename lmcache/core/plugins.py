@@ -16,7 +16,7 @@ from lmcache.core import hookspecs
 log = logging.getLogger("lmcache")
 
 # Built-ins register through the same hooks as outside packages.
-BUILTIN_PLUGINS = ("lmcache.hardware.cpu",)
+BUILTIN_PLUGINS = ("lmcache.hardware.cpu", "lmcache.core.tiers.redis_tier")
 ENTRY_POINT_GROUP = "lmcache"
 
 

@@ -40,17 +40,19 @@ class CpuTier:
         """Pure membership test: no LRU touch, no statistics (lookups may be repeated freely)."""
         return key in self._entries
 
-    def acquire(self, key: ObjectKey) -> CpuEntry | None:
-        """The entry with a reader's reference held (release it), or None. Counts a hit or a miss."""
+    def acquire(self, key: ObjectKey, count: bool = True) -> CpuEntry | None:
+        """The entry with a reader's reference held (release it), or None. Counts a hit or a miss
+        unless ``count`` is False (the engine's own bookkeeping reads)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                self.stats.misses += 1
+                self.stats.misses += count
                 return None
             entry.obj.ref()
             self._entries.move_to_end(key)
-            self.stats.hits += 1
-            self.stats.bytes_out += entry.header.payload_nbytes
+            if count:
+                self.stats.hits += 1
+                self.stats.bytes_out += entry.header.payload_nbytes
             return entry
 
     def release(self, entry: CpuEntry) -> None:

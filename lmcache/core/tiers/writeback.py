@@ -1,0 +1,79 @@
+"""Asynchronous write-back to one lower tier: a bounded queue and one worker thread.
+
+The engine never waits on a lower tier: when the queue is full the chunk is dropped and counted. A
+queued chunk holds a reference on its CPU memory, so it is neither freed nor overwritten before the
+worker has written it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+from lmcache.core.chunk_format import encode
+from lmcache.core.tiers.stats import TierStats
+
+log = logging.getLogger("lmcache")
+_STOP = object()
+
+
+class WriteBack:
+    def __init__(self, tier: Any, max_queued: int) -> None:
+        self.tier = tier
+        self.stats = TierStats()
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        self._pending: set = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"lmcache-writeback-{tier.name}", daemon=True)
+        self._thread.start()
+
+    def offer(self, entry) -> bool:
+        """Queue a CPU entry for writing; False (and counted) when the queue is full."""
+        with self._lock:
+            if entry.key in self._pending:
+                return True
+            entry.obj.ref()
+            try:
+                self._queue.put_nowait(entry)
+            except queue.Full:
+                entry.obj.unref()
+                self.stats.drops += 1
+                return False
+            self._pending.add(entry.key)
+        return True
+
+    def pending(self, key) -> bool:
+        return key in self._pending
+
+    def _run(self) -> None:
+        while True:
+            entry = self._queue.get()
+            try:
+                if entry is _STOP:
+                    return
+                if not self.tier.contains(entry.key):
+                    header, payload = encode(entry.header, entry.obj.raw)
+                    if self.tier.put(entry.key, header, payload):
+                        self.stats.stores += 1
+                    else:
+                        self.stats.errors += 1
+            except Exception as e:  # a failing tier must not kill the worker
+                self.stats.errors += 1
+                log.warning("lmcache write-back to %s failed: %s: %s", self.tier.name, type(e).__name__, e)
+            finally:
+                if entry is not _STOP:
+                    with self._lock:
+                        self._pending.discard(entry.key)
+                    entry.obj.unref()
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is written (or failed)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(_STOP)
+        self._thread.join(timeout=10)
