@@ -90,7 +90,9 @@ class CacheEngine:
         self.disk = self._open_disk(config)
         self.remote = self._open_remote(config, registry)
         self.lower: list[Any] = [t for t in (self.disk, self.remote) if t is not None]
-        self.writeback = {t.name: WriteBack(t, config.writeback_queue_size) for t in self.lower}
+        # write-back may pin at most a quarter of the CPU pool, shared by the lower tiers
+        share = self.cpu.pool.capacity // 4 // max(1, len(self.lower))
+        self.writeback = {t.name: WriteBack(t, config.writeback_queue_size, share) for t in self.lower}
         self._prefetcher: ThreadPoolExecutor | None = None
 
     # -- tiers --------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, payload_checksum
 from lmcache.core.hookspecs import StorageTierSpec, hookimpl
@@ -43,7 +45,10 @@ def _parse(url: str, password: str, timeout: float) -> redis.Redis | RedisCluste
     tls = scheme.startswith(("rediss", "valkeys"))
     secret = password or (unquote(parts.password) if parts.password else None)
     user = unquote(parts.username) if parts.username else None
-    common = dict(password=secret, username=user, socket_timeout=timeout, socket_connect_timeout=timeout, ssl=tls)
+    # No client-side retries: redis-py's default backoff would hold the engine for seconds; the tier's
+    # own quiet period after a failure does the retrying, off the hot path.
+    common = dict(password=secret, username=user, socket_timeout=timeout, socket_connect_timeout=timeout, ssl=tls,
+                  retry=Retry(NoBackoff(), 0))
     if scheme.endswith("+cluster"):
         hosts = parts.netloc.rsplit("@", 1)[-1]
         nodes = []

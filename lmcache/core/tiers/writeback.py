@@ -2,7 +2,7 @@
 
 The engine never waits on a lower tier: when the queue is full the chunk is dropped and counted. A
 queued chunk holds a reference on its CPU memory, so it is neither freed nor overwritten before the
-worker has written it.
+worker has written it; the queued bytes are capped too, so a stalled tier cannot pin the CPU pool.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ _STOP = object()
 
 
 class WriteBack:
-    def __init__(self, tier: Any, max_queued: int) -> None:
+    def __init__(self, tier: Any, max_queued: int, max_bytes: int) -> None:
         self.tier = tier
+        self.max_bytes = max_bytes
+        self._queued_bytes = 0
         self.stats = TierStats()
         self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
         self._pending: set = set()
@@ -34,6 +36,9 @@ class WriteBack:
         with self._lock:
             if entry.key in self._pending:
                 return True
+            if self._queued_bytes + entry.obj.size > self.max_bytes:
+                self.stats.drops += 1
+                return False
             entry.obj.ref()
             try:
                 self._queue.put_nowait(entry)
@@ -42,6 +47,7 @@ class WriteBack:
                 self.stats.drops += 1
                 return False
             self._pending.add(entry.key)
+            self._queued_bytes += entry.obj.size
         return True
 
     def pending(self, key) -> bool:
@@ -66,6 +72,7 @@ class WriteBack:
                 if entry is not _STOP:
                     with self._lock:
                         self._pending.discard(entry.key)
+                        self._queued_bytes -= entry.obj.size
                     entry.obj.unref()
                 self._queue.task_done()
 

@@ -1,0 +1,153 @@
+"""The remote tier against real redis-server processes on loopback (no fakes)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from redisutil import RedisServer, free_port, start_cluster
+from tierutil import engine, prompt, retrieved_exactly, store
+
+from lmcache.core.keys import ObjectKey
+
+
+def test_round_trip_through_redis_with_split_parts(redis_server):
+    e = engine(remote_url=redis_server.url, remote_part_mb=1000 / 2**20)  # ~1 KB parts: 2 KiB chunks split
+    toks = prompt(96)
+    kv, slots = store(e, toks)
+    e.flush()
+    assert e.remote.stats.stores == 6
+    fresh = engine(remote_url=redis_server.url, remote_part_mb=1000 / 2**20)
+    assert fresh.lookup_tiers(toks) == ["redis"] * 6
+    assert retrieved_exactly(fresh, toks, kv, slots) == 96
+    assert fresh.lookup_tiers(toks) == ["cpu"] * 6
+    assert len(redis_server.client().keys("lmc:*")) == 6 * 4  # header + 3 parts each
+
+
+def test_corrupt_remote_object_is_a_miss_and_deleted(redis_server):
+    e = engine(remote_url=redis_server.url)
+    toks = prompt(32)
+    kv, slots = store(e, toks)
+    e.flush()
+    key = ObjectKey(e.hasher().keys(toks)[1], 0, 2)
+    raw = redis_server.client()
+    part = f"lmc:{{{key}}}:0"
+    data = bytearray(raw.get(part))
+    data[10] ^= 1
+    raw.set(part, bytes(data))
+    fresh = engine(remote_url=redis_server.url)
+    assert retrieved_exactly(fresh, toks, kv, slots) == 16
+    assert fresh.remote.stats.corrupt == 1
+    assert raw.get(f"lmc:{{{key}}}:h") is None
+
+
+def test_unreachable_at_start_keeps_serving_from_cpu():
+    e = engine(remote_url=f"redis://127.0.0.1:{free_port()}/0", remote_timeout_s=0.2)
+    toks = prompt(48)
+    t0 = time.monotonic()
+    kv, slots = store(e, toks)
+    assert e.lookup(prompt(48, 5)) == 0  # a miss everywhere, remote included, without an exception
+    assert retrieved_exactly(e, toks, kv, slots) == 48
+    e.flush()
+    assert time.monotonic() - t0 < 10
+    assert e.remote.stats.errors >= 1 and e.remote.stats.drops >= 1
+
+
+def test_redis_down_and_back_mid_workload(tmp_path):
+    server = RedisServer(tmp_path, persist=True).start()  # its data survives its restart
+    e = engine(chunks_in_cpu=16, remote_url=server.url, remote_timeout_s=0.3)
+    e.remote.retry_interval_s = 0.2
+    try:
+        first = prompt(32, 1)
+        kv1, s1 = store(e, first)
+        e.flush()
+        server.stop()  # the server goes away mid-run
+        for i in range(10):  # the engine keeps serving: stores land in CPU, remote-only lookups miss
+            toks = prompt(32, 10 + i)
+            kv, slots = store(e, toks, seed=10 + i)
+            assert retrieved_exactly(e, toks, kv, slots) == 32
+        e.flush()
+        assert e.remote.stats.errors >= 1
+        assert e.lookup_tiers(first) == []  # evicted from CPU; the remote copy is unreachable: a miss
+        server.start()  # same port: the tier reconnects by itself
+        time.sleep(0.3)
+        assert e.lookup_tiers(first) == ["redis", "redis"]
+        assert retrieved_exactly(e, first, kv1, s1) == 32
+        later = prompt(32, 99)
+        store(e, later, seed=99)
+        e.flush()
+        assert engine(remote_url=server.url).lookup_tiers(later) == ["redis", "redis"]
+    finally:
+        server.stop()
+
+
+def test_queue_full_drops_instead_of_blocking(redis_server):
+    e = engine(remote_url=redis_server.url, writeback_queue_size=1, remote_timeout_s=2.0)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # the server hangs: writes stall until the timeout
+    try:
+        t0 = time.monotonic()
+        store(e, prompt(160))
+        assert time.monotonic() - t0 < 1.5  # the engine did not wait for the stalled tier
+        assert e.writeback["redis"].stats.drops >= 7
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    e.flush()
+
+
+SHARER = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    from tierutil import engine, prompt, store
+    e = engine(remote_url=sys.argv[1])
+    store(e, prompt(80, 42), seed=42)
+    e.close()
+    print("stored")
+''')
+
+
+def test_two_processes_share_one_redis(redis_server, tmp_path):
+    script = tmp_path / "sharer.py"
+    script.write_text(SHARER)
+    out = subprocess.run([sys.executable, str(script), redis_server.url, os.path.dirname(__file__)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "stored", out.stderr
+    from tierutil import source
+    from kvutil import slots_for
+
+    here = engine(remote_url=redis_server.url)
+    toks = prompt(80, 42)
+    assert here.lookup(toks) == 80
+    assert retrieved_exactly(here, toks, source(42), slots_for(80, 1024, 16, True, 42)) == 80
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    nodes = start_cluster(tmp_path)
+    yield nodes
+    for n in nodes:
+        n.stop()
+
+
+def test_redis_cluster_three_masters(cluster):
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster[:2])
+    e = engine(remote_url=url)
+    toks = prompt(320)
+    kv, slots = store(e, toks)
+    e.flush()
+    assert e.remote.stats.stores == 20 and e.remote.stats.errors == 0
+    per_node = [len(n.client().keys("lmc:*")) for n in cluster]
+    assert sum(per_node) == 40 and sum(1 for c in per_node if c) >= 2  # spread over the masters
+    fresh = engine(remote_url=url)
+    assert fresh.lookup_tiers(toks) == ["redis"] * 20
+    assert retrieved_exactly(fresh, toks, kv, slots) == 320
+
+
+def test_bad_remote_urls_are_clear():
+    for url, msg in [("memcached://x:1", "no storage tier handles 'memcached://'"),
+                     ("redis+cluster://nohostport", "cluster seeds must be host:port"),
+                     ("redis://127.0.0.1:6379/abc", "must be a database number")]:
+        with pytest.raises(ValueError, match=msg):
+            engine(remote_url=url)
