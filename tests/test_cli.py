@@ -71,3 +71,25 @@ def test_bench_lookup():
 def test_bench_rejects_bad_flags_clearly():
     r = run("bench", "transfer", "--tokens", "10")
     assert r.returncode == 2 and "--tokens 10: need at least one full chunk of 256 tokens" in r.stderr
+
+
+def test_bench_tier_disk_with_startup(tmp_path):
+    r = run("bench", "tier", "--tier", "disk", "--model-shape", "tiny", "--chunks", "4", "--path", str(tmp_path),
+            "--startup-chunks", "200", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["write_gbps"] > 0 and d["raw_read_gbps"] > 0 and d["startup_objects"] == 200 and d["startup_seconds"] > 0
+
+
+def test_bench_tier_redis(redis_server):
+    r = run("bench", "tier", "--tier", "redis", "--model-shape", "tiny", "--chunks", "4", "--url", redis_server.url)
+    assert r.returncode == 0, r.stderr
+    assert "raw redis-py SET/GET" in r.stdout and "read" in r.stdout
+    assert redis_server.client().dbsize() == 0  # the benchmark cleans up after itself
+
+
+def test_bench_tier_redis_unreachable_is_one_line():
+    from redisutil import free_port
+
+    r = run("bench", "tier", "--tier", "redis", "--model-shape", "tiny", "--url", f"redis://127.0.0.1:{free_port()}/0")
+    assert r.returncode == 2 and "no Redis answers there" in r.stderr and r.stderr.strip().count("\n") == 0

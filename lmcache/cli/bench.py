@@ -37,6 +37,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_config_flags(t)
     t.set_defaults(func=cmd_transfer)
 
+    from lmcache.cli import bench_tier
+
+    bench_tier.add_parser(bsub)
+
     lk = bsub.add_parser("lookup", help="hash + prefix lookup latency of a long prompt, all chunks cached")
     lk.add_argument("--tokens", type=int, default=131072)
     lk.add_argument("--repeats", type=int, default=50)

@@ -34,14 +34,16 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left")
+    t = Table()
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*[str(x) for x in r])
     console = Console()
     # piped output (logs, CI) gets a wide table instead of folded cells
-    Console(width=console.width if console.is_terminal else 200).print(t)
+    out = Console(width=console.width if console.is_terminal else 200)
+    out.print(title, style="bold", soft_wrap=True, highlight=False)
+    out.print(t)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
