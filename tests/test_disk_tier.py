@@ -135,3 +135,34 @@ def test_sigkill_during_writes_never_leaves_a_loadable_wrong_chunk(tmp_path):
             obj.unref()
             loaded += 1
         assert loaded > 0 and tier.stats.corrupt == 0
+
+
+FULL_DISK = textwrap.dedent('''
+    import resource, signal, sys
+    sys.path.insert(0, sys.argv[2])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # no file may grow past 1 KiB: every object write fails part-way, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+    from tierutil import engine, prompt, retrieved_exactly, store
+    e = engine(local_disk_path=sys.argv[1])
+    toks = prompt(64)
+    kv, slots = store(e, toks)
+    e.flush()
+    assert retrieved_exactly(e, toks, kv, slots) == 64  # the engine keeps serving from CPU
+    s = e.disk.stats
+    print(s.errors, s.stores, len(e.disk))
+''')
+
+
+def test_failing_disk_writes_are_counted_and_leave_nothing_loadable(tmp_path):
+    script = tmp_path / "full.py"
+    script.write_text(FULL_DISK)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "d"), os.path.dirname(__file__)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    errors, stores, objects = map(int, out.stdout.split())
+    assert (errors, stores, objects) == (4, 0, 0)
+    assert "write failed" in out.stderr
+    again = engine(local_disk_path=str(tmp_path / "d"))
+    assert len(again.disk) == 0 and not list((tmp_path / "d").rglob("*.lmc"))
+    assert not list((tmp_path / "d" / "lmcache-v1" / "tmp").iterdir())

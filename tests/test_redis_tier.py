@@ -151,3 +151,38 @@ def test_bad_remote_urls_are_clear():
                      ("redis://127.0.0.1:6379/abc", "must be a database number")]:
         with pytest.raises(ValueError, match=msg):
             engine(remote_url=url)
+
+
+def test_password_from_env_or_url(tmp_path):
+    from redisutil import REDIS_SERVER, free_port
+
+    port = free_port()
+    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--requirepass", "s3cret"], stdout=subprocess.DEVNULL)
+    try:
+        import redis
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=port, password="s3cret").ping()
+                break
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        from lmcache.core.config import load_config
+
+        cfg = load_config(env={"LMCACHE_REMOTE_PASSWORD": "s3cret"})
+        e = engine(remote_url=f"redis://127.0.0.1:{port}/0", remote_password=cfg.remote_password)
+        toks = prompt(32)
+        store(e, toks)
+        e.flush()
+        assert e.remote.stats.stores == 2
+        via_url = engine(remote_url=f"redis://:s3cret@127.0.0.1:{port}/0")
+        assert via_url.lookup_tiers(toks) == ["redis", "redis"]
+        wrong = engine(remote_url=f"redis://:nope@127.0.0.1:{port}/0")
+        assert wrong.lookup(toks) == 0 and wrong.remote.stats.errors == 1
+        assert "***" in wrong.remote._safe_url() and "nope" not in wrong.remote._safe_url()
+    finally:
+        proc.terminate()
+        proc.wait()
