@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=cmd_config_keys)
 
     bench.add_parsers(sub)
+    from lmcache.cli import doctor
+
+    doctor.add_parser(sub)
     return parser
 
 

@@ -56,14 +56,47 @@ class HardwareBackend(Protocol):
         """Wait until every copy issued so far has finished."""
 
 
+@runtime_checkable
+class StorageTier(Protocol):
+    """A tier below the CPU tier. It stores objects in the canonical chunk format
+    (``lmcache.core.chunk_format``) and verifies them on every read: a bad object is a miss."""
+
+    name: str
+    stats: Any  # lmcache.core.tiers.stats.TierStats
+
+    def contains(self, key: Any) -> bool: ...
+
+    def contains_many(self, keys: list[Any]) -> list[bool]: ...
+
+    def load(self, key: Any, alloc: Callable[[int], Any]) -> tuple[Any, Any] | None:
+        """(header, memory object from ``alloc(payload_nbytes)`` filled and verified), or None."""
+
+    def put(self, key: Any, header: bytes, payload: memoryview) -> bool: ...
+
+    def remove(self, key: Any) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class StorageTierSpec:
     """A storage tier reachable by URL scheme (``remote_url: scheme://...``)."""
 
     scheme: str
-    #: factory(url, config) -> tier object with contains/get/put/remove (see lmcache.core.tiers)
+    #: factory(url, config) -> a StorageTier
     factory: Callable[[str, "LMCacheConfig"], Any]
     doc: str = ""
+
+
+@dataclass(frozen=True)
+class InterfaceSpec:
+    """An engine base class an adapter implements: ``lmcache doctor`` compares the installed engine's
+    abstract methods and signatures with the adapter's at run time, so engine drift is reported."""
+
+    #: "module:QualName" of the engine's base class (imported only if the engine is installed)
+    base: str
+    #: "module:QualName" of the adapter's class implementing it
+    impl: str
 
 
 @dataclass(frozen=True)
@@ -78,6 +111,10 @@ class EngineAdapterSpec:
     launch_flags: Callable[["LMCacheConfig", str], str] | None = None
     #: check() -> list of (status "ok"|"warn"|"fail", what was found, one-line fix)
     check: Callable[[], list[tuple[str, str, str]]] | None = None
+    #: engine base classes the adapter implements (checked for drift by ``lmcache doctor``)
+    interfaces: tuple[InterfaceSpec, ...] = ()
+    #: supported engine versions, a PEP 440 specifier such as "==0.33.*"
+    supported_versions: str = ""
     extra: dict = field(default_factory=dict)
 
 

@@ -1,0 +1,1 @@
+"""Example vendor plugin for lmcache."""

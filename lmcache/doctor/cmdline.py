@@ -1,0 +1,170 @@
+"""``lmcache doctor --check-cmd "..."``: common mistakes in an engine's launch command line."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import json
+import shlex
+from typing import Iterator
+
+from lmcache.core.config import ConfigError, load_config
+from lmcache.doctor.report import FAIL, OK, WARN, Check
+
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+# module paths users type for lmcache connectors (ours and the peer's habits)
+KNOWN_MODULES = ("lmcache.adapters.vllm", "lmcache.integration.vllm.lmcache_mp_connector", "lmcache.adapters.sglang")
+
+
+def _flags(argv: list[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            if eq:
+                out[name] = value
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out[name] = argv[i + 1]
+                i += 1
+            else:
+                out[name] = None
+        i += 1
+    return out
+
+
+def _engine(argv: list[str]) -> str | None:
+    text = " ".join(argv[:4])
+    if "sglang" in text:
+        return "sglang"
+    if "vllm" in text:  # vllm serve, python -m vllm..., python -m dynamo.vllm
+        return "vllm"
+    return None
+
+
+def check_command(command: str, config_path: str | None, overrides: dict) -> Iterator[Check]:
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        yield Check("command line", FAIL, f"cannot be split like a shell would: {e}", "balance the quotes around JSON values")
+        return
+    flags = _flags(argv)
+    engine = _engine(argv)
+    try:
+        chunk_size = load_config(config_path, overrides=overrides).chunk_size
+    except ConfigError:
+        chunk_size = 256
+    if engine == "vllm":
+        yield from _vllm(flags, chunk_size)
+    elif engine == "sglang":
+        yield from _sglang(flags, chunk_size)
+    else:
+        yield Check("command line", WARN, f"not a vLLM or SGLang launch: {' '.join(argv[:3])}",
+                    "pass the whole engine command, e.g. --check-cmd \"vllm serve MODEL ...\"")
+
+
+def _module_check(path: str, cls: str | None) -> Iterator[Check]:
+    if importlib.util.find_spec(path.split(".")[0]) is None or _find(path) is None:
+        close = difflib.get_close_matches(path, KNOWN_MODULES, n=1, cutoff=0.6)
+        yield Check("connector module", FAIL, f"kv_connector_module_path '{path}' cannot be imported",
+                    f"did you mean '{close[0]}'?" if close else "fix the module path")
+        return
+    if cls:
+        module = importlib.import_module(path)
+        if not hasattr(module, cls):
+            yield Check("connector class", FAIL, f"module '{path}' has no class '{cls}' (this lmcache release ships no vLLM "
+                        "connector yet)" if path.startswith("lmcache.") else f"module '{path}' has no class '{cls}'",
+                        "check kv_connector against the module's classes")
+            return
+        yield Check("connector class", OK, f"{path}.{cls} imports")
+
+
+def _find(path: str):
+    try:
+        return importlib.util.find_spec(path)
+    except (ImportError, ValueError):
+        return None
+
+
+def _vllm(flags: dict, chunk_size: int) -> Iterator[Check]:
+    if flags.get("--kv-offloading-backend") == "lmcache":
+        yield from _module_check("lmcache.integration.vllm.lmcache_mp_connector", "LMCacheMPConnector")
+    raw = flags.get("--kv-transfer-config")
+    if raw is None and "--kv-offloading-backend" not in flags:
+        yield Check("kv-transfer-config", FAIL, "no --kv-transfer-config: vLLM will not load any KV connector",
+                    "add --kv-transfer-config '{\"kv_connector\":\"...\",\"kv_connector_module_path\":\"...\",\"kv_role\":\"kv_both\"}'")
+    if raw is not None:
+        try:
+            cfg = json.loads(raw)
+            if not isinstance(cfg, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            yield Check("kv-transfer-config", FAIL, f"is not a JSON object ({e}): {raw[:60]}",
+                        "wrap the JSON in single quotes in the shell: --kv-transfer-config '{\"kv_role\":\"kv_both\",...}'")
+            cfg = None
+        if cfg is not None:
+            role = cfg.get("kv_role")
+            if role is None:
+                yield Check("kv_role", FAIL, "kv_role is missing: vLLM refuses the connector", 'add "kv_role":"kv_both"')
+            elif role not in KV_ROLES:
+                yield Check("kv_role", FAIL, f"kv_role '{role}' is not one of {', '.join(KV_ROLES)}", 'use "kv_role":"kv_both"')
+            else:
+                yield Check("kv_role", OK, role)
+            if "kv_connector" not in cfg:
+                yield Check("kv_connector", FAIL, "kv_connector is missing", "name the connector class in kv_connector")
+            path = cfg.get("kv_connector_module_path")
+            if path:
+                yield from _module_check(path, cfg.get("kv_connector"))
+            if str(path or cfg.get("kv_connector", "")).lower().find("lmcache") >= 0 and \
+                    "--disable-hybrid-kv-cache-manager" not in flags:
+                yield Check("hybrid KV cache manager", WARN, "on: a model mixing attention types (sliding window, Mamba) "
+                            "gets a hybrid KV cache that a non-HMA connector cannot serve",
+                            "add --disable-hybrid-kv-cache-manager for such models")
+    block = flags.get("--block-size")
+    if block is not None:
+        yield from _alignment("--block-size", block, chunk_size)
+
+
+def _sglang(flags: dict, chunk_size: int) -> Iterator[Check]:
+    if "--enable-lmcache" in flags:
+        yield Check("--enable-lmcache", FAIL, "that flag selects the peer project's radix cache, not this package",
+                    "use --enable-hierarchical-cache --hicache-storage-backend dynamic --hicache-storage-backend-extra-config ...")
+    backend = flags.get("--hicache-storage-backend")
+    if backend is not None and "--enable-hierarchical-cache" not in flags:
+        yield Check("hierarchical cache", FAIL, "--hicache-storage-backend without --enable-hierarchical-cache is ignored",
+                    "add --enable-hierarchical-cache")
+    if backend == "dynamic":
+        raw = flags.get("--hicache-storage-backend-extra-config")
+        if raw is None:
+            yield Check("hicache extra config", FAIL, "backend 'dynamic' needs --hicache-storage-backend-extra-config",
+                        'add \'{"backend_name":"lmcache","module_path":"...","class_name":"...","interface_v1":1}\'')
+        elif not raw.startswith("@"):
+            try:
+                extra = json.loads(raw)
+            except ValueError as e:
+                yield Check("hicache extra config", FAIL, f"is not JSON ({e})", "wrap the JSON in single quotes in the shell")
+                extra = {}
+            for key in ("backend_name", "module_path", "class_name"):
+                if key not in extra:
+                    yield Check("hicache extra config", FAIL, f"'{key}' is missing: SGLang's dynamic loader needs all three names",
+                                f'add "{key}":...')
+            if extra.get("module_path"):
+                yield from _module_check(extra["module_path"], extra.get("class_name"))
+    page = flags.get("--page-size")
+    if page is not None:
+        yield from _alignment("--page-size", page, chunk_size)
+
+
+def _alignment(flag: str, value: str | None, chunk_size: int) -> Iterator[Check]:
+    try:
+        size = int(value or "")
+    except ValueError:
+        yield Check(flag, FAIL, f"{flag} {value!r} is not an integer", f"give {flag} a number of tokens")
+        return
+    if size <= 0 or chunk_size % size:
+        yield Check(flag, FAIL, f"chunk_size {chunk_size} is not a multiple of {flag} {size}: chunks cannot map onto "
+                    "whole pages, so engines cannot share them", f"set chunk_size to a multiple of {size}")
+    else:
+        yield Check(flag, OK, f"{size} divides chunk_size {chunk_size}")

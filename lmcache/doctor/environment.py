@@ -1,0 +1,155 @@
+"""Checks of the machine, the config and the tiers it names."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sys
+from typing import Iterator
+
+import torch
+
+from lmcache import __version__
+from lmcache.core.config import ConfigError, load_config
+from lmcache.core.plugins import get_registry
+from lmcache.doctor.report import FAIL, OK, WARN, Check
+
+GiB = 2**30
+
+
+def python_and_torch() -> Iterator[Check]:
+    py = sys.version_info
+    yield Check("python", OK if py >= (3, 11) else FAIL, sys.version.split()[0], "" if py >= (3, 11) else "use Python >= 3.11")
+    build = "CUDA " + torch.version.cuda if torch.version.cuda else ("ROCm " + torch.version.hip if torch.version.hip else "CPU-only build")
+    yield Check("torch", OK, f"torch {torch.__version__} ({build}); lmcache {__version__} (no compiled extension: nothing to rebuild)")
+
+
+def _accelerator() -> tuple[str | None, str]:
+    if torch.cuda.is_available():
+        kind = "rocm" if torch.version.hip else "cuda"
+        return "cuda", f"{kind}: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    try:
+        import torch_npu  # noqa: F401
+
+        if torch.npu.is_available():  # type: ignore[attr-defined]
+            return "npu", "ascend NPU"
+    except Exception:
+        pass
+    return None, "no accelerator visible to torch"
+
+
+def accelerator() -> Iterator[Check]:
+    device, found = _accelerator()
+    yield Check("accelerator", OK, found)
+    reg = get_registry()
+    for name, backend in sorted(reg.hardware.items()):
+        ok, why = backend.available()
+        yield Check(f"backend {name}", OK if ok else WARN if name != "cpu" else FAIL,
+                    f"{'available' if ok else 'unavailable'}: {why}", "" if ok else f"device_backend: {name} cannot be used here")
+    for dev in filter(None, ("cpu", device)):
+        candidates = [b for b in reg.hardware.values() if dev in b.device_types and b.available()[0]]
+        if not candidates:
+            yield Check(f"backend for {dev}", FAIL, f"nothing can move KV memory on {dev}", "install a backend plugin for it")
+            continue
+        best = max(candidates, key=lambda b: b.priority)
+        slow = best.name == "cpu" and dev != "cpu"
+        yield Check(f"backend for {dev}", WARN if slow else OK,
+                    f"auto selects '{best.name}'" + (" (torch reference ops: correct but slow)" if slow else ""),
+                    "install the accelerator backend (see lmcache doctor rows above for why it is unavailable)" if slow else "")
+
+
+def config_and_tiers(config_path: str | None, overrides: dict) -> Iterator[Check]:
+    try:
+        cfg = load_config(config_path, overrides=overrides)
+    except ConfigError as e:
+        yield Check("config", FAIL, str(e), "fix the key named above; 'lmcache config keys' lists them all")
+        return
+    src = config_path or os.environ.get("LMCACHE_CONFIG_FILE") or "defaults + environment"
+    yield Check("config", OK, f"valid ({src})")
+    yield from _memory(cfg)
+    yield from _disk(cfg)
+    yield from _remote(cfg)
+
+
+def _memory(cfg) -> Iterator[Check]:
+    want = int(cfg.max_cpu_size_gb * GiB)
+    avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    status = OK if want <= 0.8 * total else FAIL
+    yield Check("cpu tier size", status, f"max_cpu_size_gb={cfg.max_cpu_size_gb} of {total / GiB:.1f} GiB RAM ({avail / GiB:.1f} free)",
+                "" if status == OK else f"lower max_cpu_size_gb to at most {0.8 * total / GiB:.0f}")
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if _accelerator()[0] is None:
+        yield Check("pinned memory", OK, "not needed: no accelerator (the pool stays pageable)")
+    else:
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft / GiB:.2f} GiB"
+        try:
+            probe = torch.empty(min(want, 256 << 20), dtype=torch.uint8, pin_memory=True)
+            del probe
+            yield Check("pinned memory", OK, f"pinned a {min(want, 256 << 20) >> 20} MiB test buffer; ulimit -l {limit}")
+        except RuntimeError as e:
+            yield Check("pinned memory", FAIL, f"cannot pin host memory ({e}); ulimit -l {limit}",
+                        "raise the memlock limit (ulimit -l unlimited, or --ulimit memlock=-1 in docker)")
+    try:
+        shm = shutil.disk_usage("/dev/shm")
+        status = OK if shm.total >= min(want, 1 * GiB) else WARN
+        yield Check("/dev/shm", status, f"{shm.total / GiB:.1f} GiB ({shm.free / GiB:.1f} free)",
+                    "" if status == OK else "give the container more shared memory (docker --shm-size) for MP mode")
+    except OSError:
+        yield Check("/dev/shm", WARN, "missing", "mount a tmpfs on /dev/shm for MP mode")
+
+
+def _disk(cfg) -> Iterator[Check]:
+    if not cfg.local_disk_path:
+        yield Check("disk tier", OK, "off (local_disk_path is empty)")
+        return
+    from lmcache.core.tiers.disk import DiskTier, TierUnavailable
+
+    try:
+        tier = DiskTier(cfg.local_disk_path, int(cfg.max_local_disk_size_gb * GiB))
+    except TierUnavailable as e:
+        yield Check("disk tier", FAIL, str(e).split(": point it")[0], "point local_disk_path at a writable directory")
+        return
+    free = shutil.disk_usage(cfg.local_disk_path).free
+    room = free + tier.used_bytes
+    want = cfg.max_local_disk_size_gb * GiB
+    status = OK if room >= want else WARN
+    yield Check("disk tier", status, f"{cfg.local_disk_path}: writable, {len(tier)} chunks stored, {free / GiB:.1f} GiB free",
+                "" if status == OK else f"lower max_local_disk_size_gb to {room / GiB:.0f} or free space")
+
+
+def _remote(cfg) -> Iterator[Check]:
+    if not cfg.remote_url:
+        yield Check("remote tier", OK, "off (remote_url is empty)")
+        return
+    scheme = cfg.remote_url.split("://", 1)[0].lower()
+    spec = get_registry().tiers.get(scheme)
+    if spec is None:
+        yield Check("remote tier", FAIL, f"no tier handles '{scheme}://'", f"use one of {', '.join(sorted(get_registry().tiers))}")
+        return
+    try:
+        tier = spec.factory(cfg.remote_url, cfg)
+    except ValueError as e:
+        yield Check("remote tier", FAIL, str(e), "fix remote_url")
+        return
+    ping = getattr(tier, "ping", None)
+    if ping is None:
+        yield Check("remote tier", OK, f"{scheme}:// tier created (it has no ping)")
+    elif ping():
+        yield Check("remote tier", OK, f"{tier._safe_url() if hasattr(tier, '_safe_url') else scheme} answers")
+    else:
+        yield Check("remote tier", FAIL, f"{tier._safe_url() if hasattr(tier, '_safe_url') else cfg.remote_url} does not answer "
+                    f"within {cfg.remote_timeout_s}s", "start the server, or fix remote_url / remote_password")
+    close = getattr(tier, "close", None)
+    if close:
+        close()
+
+
+def plugins() -> Iterator[Check]:
+    reg = get_registry()
+    for name, origin in sorted(reg.plugins.items()):
+        provides = sorted(f"{kind} '{item}'" for (kind, item), owner in reg.owners.items() if owner == name)
+        yield Check(f"plugin {name}", OK, f"{origin}: " + (", ".join(provides) or "registers nothing"))
+    for failure in reg.failures:
+        yield Check(f"plugin {failure.plugin}", FAIL, failure.error, "fix or uninstall that plugin package; the rest keeps working")
