@@ -151,7 +151,13 @@ def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> No
         rm = row_map(kv)
         if rm is not None:
             (dst,) = _widen(out)
-            torch.index_select(rm.rows, 0, rm.index(plan.slots), out=dst.view(-1, rm.rows.shape[1]))
+            flat = dst.view(-1, rm.rows.shape[1])
+            if flat.device == rm.rows.device:
+                torch.index_select(rm.rows, 0, rm.index(plan.slots), out=flat)
+            else:  # engine memory on an accelerator, chunk in (pinned) host memory: gather there, then one copy
+                tmp = _scratch(flat.numel(), flat.dtype, rm.rows.device).view_as(flat)
+                torch.index_select(rm.rows, 0, rm.index(plan.slots), out=tmp)
+                flat.copy_(tmp, non_blocking=True)
             return
     if not isinstance(kv, BlockPagedKV):
         _gather_token_slots(kv, plan.slots, out, layers)
