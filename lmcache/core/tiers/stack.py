@@ -1,0 +1,194 @@
+"""The storage side of the cache: the CPU tier over a host-memory buffer, the lower tiers, write-back.
+
+It works on object keys and memory objects only (no tokens, no engine layouts), so the same stack runs
+inside an engine process (in-process mode) and inside ``lmcache server`` (MP mode, buffer in shared
+memory). Operations are batched per request so that MP mode needs one round trip per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from lmcache.core.chunk_format import ChunkHeader
+from lmcache.core.config import LMCacheConfig
+from lmcache.core.keys import ObjectKey
+from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
+from lmcache.core.plugins import Registry
+from lmcache.core.tiers.cpu import CpuEntry, CpuTier
+from lmcache.core.tiers.disk import DiskTier, TierUnavailable
+from lmcache.core.tiers.writeback import WriteBack
+
+log = logging.getLogger("lmcache")
+EXISTS = "exists"  # reserve_many's answer for a chunk that is already stored
+
+
+class TierStack:
+    def __init__(self, config: LMCacheConfig, buffer: torch.Tensor, pinned: bool, registry: Registry) -> None:
+        self.config = config
+        self.cpu = CpuTier(HostMemoryPool(buffer.numel(), pinned, buffer=buffer), on_evict=self._demote)
+        #: problems met while opening tiers (a tier that cannot work is left out, never fatal)
+        self.tier_problems: list[str] = []
+        self.disk = self._open_disk(config)
+        self.remote = self._open_remote(config, registry)
+        self.lower: list[Any] = [t for t in (self.disk, self.remote) if t is not None]
+        # write-back may pin at most a quarter of the CPU pool, shared by the lower tiers
+        share = self.cpu.pool.capacity // 4 // max(1, len(self.lower))
+        self.writeback = {t.name: WriteBack(t, config.writeback_queue_size, share) for t in self.lower}
+
+    # -- opening ------------------------------------------------------------------------------------
+
+    def _open_disk(self, config: LMCacheConfig) -> DiskTier | None:
+        if not config.local_disk_path:
+            return None
+        try:
+            return DiskTier(config.local_disk_path, int(config.max_local_disk_size_gb * 2**30), config.local_disk_fsync)
+        except TierUnavailable as e:
+            self.tier_problems.append(str(e))
+            log.warning("lmcache: running without a disk tier: %s", e)
+            return None
+
+    @staticmethod
+    def _open_remote(config: LMCacheConfig, registry: Registry) -> Any:
+        if not config.remote_url:
+            return None
+        scheme = config.remote_url.split("://", 1)[0].lower()
+        spec = registry.tiers.get(scheme)
+        if spec is None:
+            raise ValueError(f"remote_url '{config.remote_url}': no storage tier handles '{scheme}://'; "
+                             f"registered schemes: {', '.join(sorted(registry.tiers))}")
+        return spec.factory(config.remote_url, config)
+
+    # -- movement between tiers ---------------------------------------------------------------------
+
+    def _demote(self, entry: CpuEntry) -> None:
+        """A chunk leaving the CPU tier goes to disk unless it is there or on its way already."""
+        if self.disk is not None and not self.disk.contains(entry.key):
+            self.writeback["disk"].offer(entry)
+
+    def _from_lower(self, okey: ObjectKey, promote: bool) -> CpuEntry | None:
+        """Load a chunk from the first lower tier holding it; the entry comes back acquired."""
+        for tier in self.lower:
+            got = tier.load(okey, self.cpu.reserve)
+            if got is None:
+                continue
+            header, obj = got
+            if not promote:
+                return CpuEntry(okey, header, obj)  # private: freed when released
+            if self.cpu.commit(okey, header, obj):
+                entry = self.cpu.acquire(okey, count=False)
+                if entry is not None and tier is not self.disk and self.disk is not None:
+                    self.writeback["disk"].offer(entry)  # a remote hit is kept on local disk too
+                return entry
+            return self.cpu.acquire(okey, count=False)
+        return None
+
+    # -- batched operations -------------------------------------------------------------------------
+
+    def lookup_tiers(self, okeys: Iterable[ObjectKey]) -> list[str]:
+        """For each key of the cached prefix, the highest tier holding it. No side effects."""
+        where: list[str] = []
+        it: Iterator[ObjectKey] = iter(okeys)
+        for okey in it:
+            if self.cpu.contains(okey):
+                where.append("cpu")
+            elif self.disk is not None and self.disk.contains(okey):
+                where.append("disk")
+            else:
+                if self.remote is not None:  # one round trip for the rest of the prompt
+                    for found in self.remote.contains_many([okey, *it]):
+                        if not found:
+                            break
+                        where.append(self.remote.name)
+                break
+        return where
+
+    def reserve_many(self, items: list[tuple[ObjectKey, int]]) -> list[Any]:
+        """Per (key, nbytes): EXISTS, a MemoryObj to fill, or None when the pool has no room (and for
+        every later item: a prefix must stay contiguous)."""
+        out: list[Any] = []
+        for okey, nbytes in items:
+            if self.cpu.contains(okey):
+                out.append(EXISTS)
+                continue
+            obj = self.cpu.reserve(nbytes)
+            if obj is None:
+                self.cpu.stats.drops += len(items) - len(out)
+                log.warning("lmcache: CPU tier full of chunks being read; dropped %d chunks", len(items) - len(out))
+                return out + [None] * (len(items) - len(out))
+            out.append(obj)
+        return out
+
+    def abort(self, objs: Iterable[Any]) -> None:
+        for obj in objs:
+            if isinstance(obj, MemoryObj):
+                obj.unref()
+
+    def commit_many(self, items: list[tuple[ObjectKey, ChunkHeader, MemoryObj]]) -> int:
+        """Publish filled chunks and queue them for the lower tiers; returns how many were new."""
+        stored = 0
+        for okey, header, obj in items:
+            if not self.cpu.commit(okey, header, obj):
+                continue
+            stored += 1
+            if self.lower:
+                entry = self.cpu.acquire(okey, count=False)
+                if entry is not None:
+                    for tier in self.lower:
+                        self.writeback[tier.name].offer(entry)
+                    self.cpu.release(entry)
+        return stored
+
+    def acquire_prefix(self, okeys: Iterable[ObjectKey], promote: bool | None = None) -> list[CpuEntry]:
+        """Entries of the cached prefix, each with a reader's reference (release_many them)."""
+        promote = self.config.promote_on_hit if promote is None else promote
+        entries = []
+        for okey in okeys:
+            entry = self.cpu.acquire(okey)
+            if entry is None and self.lower:
+                entry = self._from_lower(okey, promote)
+            if entry is None:
+                break
+            entries.append(entry)
+        return entries
+
+    def release_many(self, entries: Iterable[CpuEntry]) -> None:
+        for entry in entries:
+            self.cpu.release(entry)
+
+    def prefetch(self, okeys: Iterable[ObjectKey]) -> int:
+        """Pull lower-tier hits into the CPU tier; returns how many leading keys are now there."""
+        n = 0
+        for okey in okeys:
+            if not self.cpu.contains(okey):
+                entry = self._from_lower(okey, promote=True)
+                if entry is None:
+                    break
+                self.cpu.release(entry)
+            n += 1
+        return n
+
+    # -- housekeeping -------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        for wb in self.writeback.values():
+            wb.flush()
+
+    def tier_stats(self) -> dict[str, dict[str, int]]:
+        out = {"cpu": self.cpu.stats.as_dict()}
+        for tier in self.lower:
+            out[tier.name] = tier.stats.as_dict()
+            out[f"{tier.name}_writeback"] = self.writeback[tier.name].stats.as_dict()
+        return out
+
+    def clear(self) -> int:
+        return self.cpu.clear()
+
+    def close(self) -> None:
+        for wb in self.writeback.values():
+            wb.close()
+        for tier in self.lower:
+            tier.close()
+        self.cpu.clear()
