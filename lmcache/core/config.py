@@ -73,6 +73,10 @@ class LMCacheConfig:
     remote_part_mb: float = _key(8.0, "Largest single value written to the remote store, in MiB; bigger chunks are split.", _positive)
     writeback_queue_size: int = _key(256, "Chunks queued per lower tier for asynchronous write-back; beyond it stores are dropped and counted.", _positive)
     promote_on_hit: bool = _key(True, "Copy a chunk found in a lower tier into the CPU tier when it is retrieved.")
+    mode: str = _key("inproc", "Where the cache pool lives: inproc (inside the engine process) or mp (a shared 'lmcache server').", _choice("inproc", "mp"))
+    server_url: str = _key("tcp://127.0.0.1:5555", "Address of 'lmcache server' in mp mode.", lambda v: None if v.startswith(("tcp://", "ipc://")) else "a ZeroMQ address such as tcp://127.0.0.1:5555")
+    server_token: str = _key("", "Shared secret presented to 'lmcache server' (required when it listens beyond loopback).")
+    mp_transport: str = _key("shm", "How chunk bytes reach the server in mp mode: shm (map its shared pool; falls back to bytes when impossible) or bytes (over the socket).", _choice("shm", "bytes"))
     log_level: str = _key("INFO", "Logging level of lmcache's own logger.", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
 
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

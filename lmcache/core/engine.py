@@ -77,10 +77,16 @@ class CacheEngine:
         if config.copy_threads and hasattr(self.backend, "threads"):
             self.backend.threads = config.copy_threads
         pin = config.pin_cpu_memory == "yes" or (config.pin_cpu_memory == "auto" and self.device.type != "cpu")
-        capacity = int(config.max_cpu_size_gb * 2**30)
-        self.stack = TierStack(config, self.backend.alloc_host(capacity, pin), pin, registry)
+        if config.mode == "mp":
+            from lmcache.server.client import ServerStack  # only MP engines need zmq
+
+            self.stack = ServerStack(config, identity, self.head_range)
+        else:
+            capacity = int(config.max_cpu_size_gb * 2**30)
+            self.stack = TierStack(config, self.backend.alloc_host(capacity, pin), pin, registry)
         self.stats = EngineStats()
         self._hashers: dict[str, ChunkHasher] = {}
+        self._fingerprint = identity.fingerprint()
         self._prefetcher: ThreadPoolExecutor | None = None
 
     # -- tiers (views into the stack) ---------------------------------------------------------------
@@ -112,7 +118,7 @@ class CacheEngine:
         return ObjectKey(chunk_key, *self.head_range)
 
     def _header(self, chunk_key: bytes) -> ChunkHeader:
-        return header_for(self.geometry, self.identity.fingerprint(), chunk_key, self.chunk_size, *self.head_range)
+        return header_for(self.geometry, self._fingerprint, chunk_key, self.chunk_size, *self.head_range)
 
     # -- the three operations -----------------------------------------------------------------------
 
@@ -155,7 +161,7 @@ class CacheEngine:
         slots = self.stack.reserve_many([(okey, h.payload_nbytes) for _, okey, h in wanted])
         pending = []
         for (i, okey, header), slot in zip(wanted, slots):
-            if slot == EXISTS:
+            if slot is EXISTS:
                 result.existing_chunks += 1
             elif slot is None:
                 result.dropped_chunks += 1

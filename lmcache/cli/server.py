@@ -1,0 +1,72 @@
+"""``lmcache server``: the MP-mode cache daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from lmcache.cli.main import add_config_flags
+
+    s = sub.add_parser("server", help="run the shared cache daemon (MP mode) that engines connect to")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    s.add_argument("--port", type=int, default=5555, help="ZeroMQ control port (default 5555)")
+    s.add_argument("--http-port", type=int, default=8080, help="HTTP metrics + management port (default 8080; 0: off)")
+    s.add_argument("--cpu-size-gb", type=float, help="CPU pool size in GiB (default: max_cpu_size_gb)")
+    s.add_argument("--chunk-size", type=int, help="tokens per chunk (default: chunk_size); engines must match")
+    s.add_argument("--eviction-policy", choices=("LRU",), help="eviction policy (default LRU)")
+    s.add_argument("--disk-path", help="enable the disk tier in this directory")
+    s.add_argument("--remote-url", help="enable a remote tier, e.g. redis://127.0.0.1:6379/0")
+    s.add_argument("--token", default="", help="shared secret clients must present (required beyond loopback)")
+    s.add_argument("--allow-remote", action="store_true", help="allow --host other than loopback (needs --token)")
+    s.add_argument("--lease-timeout", type=float, default=30.0, help="seconds before a silent client's pins are released")
+    add_config_flags(s)
+    s.set_defaults(func=cmd_server)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from lmcache.cli.main import config_from_args
+    from lmcache.server.http import start_http
+    from lmcache.server.server import CacheServer
+
+    cfg = config_from_args(args, max_cpu_size_gb=args.cpu_size_gb, chunk_size=args.chunk_size,
+                           eviction_policy=args.eviction_policy, local_disk_path=args.disk_path,
+                           remote_url=args.remote_url)
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        server = CacheServer(cfg, args.host, args.port, args.token, args.allow_remote, args.lease_timeout)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e}; pick another --port") from None
+    httpd = None
+    if args.http_port:
+        try:
+            httpd = start_http(server, args.host, args.http_port)
+        except OSError as e:
+            server.close()
+            raise ValueError(f"cannot listen on HTTP {args.host}:{args.http_port}: {e}; pick another --http-port") from None
+    tiers = ["cpu"] + [t.name for t in server.stack.lower]
+    print(f"lmcache server {server.instance} listening on tcp://{args.host}:{args.port}"
+          + (f", http://{args.host}:{args.http_port}" if httpd else ""), flush=True)
+    print(f"  pool {cfg.max_cpu_size_gb:g} GiB in {server.shm.path}; chunk_size {cfg.chunk_size}; tiers {' -> '.join(tiers)}"
+          + (f"; problems: {'; '.join(server.stack.tier_problems)}" if server.stack.tier_problems else ""), flush=True)
+
+    def stop(signum, frame):
+        server.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    finally:
+        print("lmcache server: shutting down (flushing write-back queues)", flush=True)
+        if httpd is not None:
+            httpd.shutdown()
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cmd_server(argparse.Namespace()))

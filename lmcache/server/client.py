@@ -1,0 +1,276 @@
+"""The engine side of MP mode: the same batched interface as ``TierStack``, served by ``lmcache server``.
+
+Failure policy, as for every remote thing: a server that is down, restarting or slow makes lookups miss
+and stores drop (counted in ``stats``); no call waits longer than ``remote_timeout_s``; after a failure
+the client stays quiet for a second, then reconnects and says hello again by itself. A server restart
+is noticed by its instance id: the old mapping is dropped and the new pool mapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import zmq
+
+from lmcache.core.chunk_format import ChunkHeader, byte_view
+from lmcache.core.config import LMCacheConfig
+from lmcache.core.geometry import DTYPE_CODES, ModelIdentity
+from lmcache.core.keys import ObjectKey
+from lmcache.core.tiers.stack import EXISTS
+from lmcache.core.tiers.stats import TierStats
+from lmcache.server.protocol import PROTOCOL_VERSION, ProtocolError, decode, encode
+from lmcache.server.shm import SharedBuffer
+
+log = logging.getLogger("lmcache")
+
+
+@dataclass(eq=False)
+class Slot:
+    """Room for one chunk: in the shared pool (offset) or, in byte mode, a private tensor."""
+
+    key: ObjectKey
+    nbytes: int
+    lease: int
+    offset: int
+    raw: torch.Tensor
+
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.raw.view(dtype).view(shape)
+
+
+@dataclass(eq=False)
+class Entry:
+    header: ChunkHeader
+    lease: int
+    raw: torch.Tensor
+
+    def payload(self) -> torch.Tensor:
+        return self.raw.view(self.header.dtype).view(self.header.payload_shape)
+
+
+class ServerStack:
+    def __init__(self, config: LMCacheConfig, identity: ModelIdentity, head_range: tuple[int, int]) -> None:
+        self.config = config
+        self.identity = identity
+        self.head_range = head_range
+        self.url = config.server_url
+        self.timeout_ms = int(config.remote_timeout_s * 1000)
+        self.retry_interval_s = 1.0
+        self.stats = TierStats()
+        self.name = "server"
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._session: str | None = None
+        self._instance: str | None = None
+        self._shm: SharedBuffer | None = None
+        self._bytes_mode = config.mp_transport == "bytes"
+        self._down_until = 0.0
+        self._down_logged = False
+        self._next_id = 1
+        self._lock = threading.RLock()
+
+    # -- connection ---------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+        self._sock = None
+        self._session = None
+
+    def _fail(self, why: str) -> None:
+        self.stats.errors += 1
+        self._reset()
+        self._down_until = time.monotonic() + self.retry_interval_s
+        if not self._down_logged:
+            self._down_logged = True
+            log.warning("lmcache: server %s %s; lookups miss and stores drop until it answers (retrying every %.0fs)",
+                        self.url, why, self.retry_interval_s)
+
+    def _roundtrip(self, msg: dict, frames: list[bytes] = ()) -> tuple[dict, list[bytes]] | None:
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.url)
+        rid = self._next_id
+        self._next_id += 1
+        msg = {**msg, "v": PROTOCOL_VERSION, "id": rid, "token": self.config.server_token}
+        self._sock.send_multipart([encode(msg), *frames])
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0 or not self._sock.poll(left):
+                self._fail(f"did not answer within {self.config.remote_timeout_s}s")
+                return None
+            reply_frames = self._sock.recv_multipart()
+            reply = decode(reply_frames[0])
+            if reply.get("id") == rid:  # anything else is a late answer to a request we gave up on
+                return reply, reply_frames[1:]
+
+    def _hello(self) -> bool:
+        g = self.identity.geometry
+        got = self._roundtrip({"op": "hello", "model": self.identity.model_name, "heads": list(self.head_range),
+                               "geometry": [g.num_layers, g.num_kv_heads, g.k_dim, g.v_dim, DTYPE_CODES[g.dtype], g.kind]})
+        if got is None:
+            return False
+        reply, _ = got
+        if not reply.get("ok"):
+            raise ProtocolError(f"lmcache server {self.url} refused the connection: {reply.get('error')}")
+        if reply["chunk_size"] != self.config.chunk_size:
+            raise ProtocolError(f"lmcache server {self.url} uses chunk_size {reply['chunk_size']}, this engine "
+                                f"{self.config.chunk_size}: set the same chunk_size on both")
+        if reply["server"] != self._instance:
+            if self._shm is not None:
+                self._shm.close()
+                self._shm = None
+            if not self._bytes_mode:
+                try:
+                    self._shm = SharedBuffer.attach(reply["shm_path"], reply["shm_size"])
+                    self._shm.pin_for_accelerator()
+                except (OSError, ValueError) as e:
+                    log.warning("lmcache: cannot map the server's pool (%s: %s); moving bytes over the socket instead "
+                                "(slower)", type(e).__name__, e)
+                    self._bytes_mode = True
+            self._instance = reply["server"]
+        self._session = reply["session"]
+        if self._down_logged:
+            self._down_logged = False
+            log.warning("lmcache: server %s reachable again", self.url)
+        return True
+
+    def _connected(self) -> bool:
+        with self._lock:
+            if time.monotonic() < self._down_until:
+                return False
+            return self._session is not None or self._hello()
+
+    def _call(self, op: str, frames: list[bytes] = (), **fields) -> tuple[dict, list[bytes]] | None:
+        """One request; None when the server is unavailable (already counted)."""
+        with self._lock:
+            if time.monotonic() < self._down_until:
+                return None
+            if self._session is None and not self._hello():
+                return None
+            got = self._roundtrip({"op": op, "session": self._session, **fields}, list(frames))
+            if got is None:
+                return None
+            reply, out = got
+            if reply.get("server") != self._instance:  # restarted under us: offsets mean nothing now
+                self._reset()
+                self.stats.errors += 1
+                return None
+            if not reply.get("ok"):
+                error = str(reply.get("error"))
+                if error.startswith("unknown session"):
+                    self._reset()
+                    return None
+                if error.startswith("protocol version") or "token" in error:
+                    raise ProtocolError(f"lmcache server {self.url}: {error}")
+                self.stats.errors += 1
+                log.warning("lmcache: server refused %s: %s", op, error)
+                return None
+            return reply, out
+
+    # -- the TierStack interface --------------------------------------------------------------------
+
+    def lookup_tiers(self, okeys: Iterable[ObjectKey]) -> list[str]:
+        got = self._call("lookup", keys=[str(k) for k in okeys])
+        return [] if got is None else list(got[0]["tiers"])
+
+    def reserve_many(self, items: list[tuple[ObjectKey, int]]) -> list[Any]:
+        if not items:
+            return []
+        got = self._call("reserve", items=[[str(k), n] for k, n in items]) if self._connected() else None
+        if got is None:
+            self.stats.drops += len(items)
+            return [None] * len(items)
+        reply = got[0]
+        if self._bytes_mode:  # the pool cannot be mapped here: fill private buffers, send them with put
+            self._call("abort", lease=reply["lease"])
+            return [EXISTS if s == "exists" else Slot(k, n, 0, -1, torch.empty(n, dtype=torch.uint8))
+                    for (k, n), s in zip(items, reply["slots"])]
+        out: list[Any] = []
+        for (key, n), slot in zip(items, reply["slots"]):
+            if slot == "exists":
+                out.append(EXISTS)
+            elif slot is None:
+                out.append(None)
+            else:
+                out.append(Slot(key, n, reply["lease"], slot, self._shm.tensor[slot : slot + n]))
+        return out
+
+    def abort(self, objs: Iterable[Any]) -> None:
+        for lease in {o.lease for o in objs if isinstance(o, Slot) and o.offset >= 0}:
+            self._call("abort", lease=lease)
+
+    def commit_many(self, items: list[tuple[ObjectKey, ChunkHeader, Slot]]) -> int:
+        if not items:
+            return 0
+        if items[0][2].offset < 0:  # byte mode
+            stored = 0
+            for key, header, slot in items:
+                got = self._call("put", [bytes(byte_view(slot.raw))], key=str(key), header=header.pack())
+                stored += 0 if got is None else got[0]["stored"]
+            return stored
+        got = self._call("commit", lease=items[0][2].lease,
+                         items=[[str(k), h.pack(), s.offset] for k, h, s in items])
+        if got is None:
+            self.stats.drops += len(items)
+            return 0
+        self.stats.stores += got[0]["stored"]
+        return got[0]["stored"]
+
+    def acquire_prefix(self, okeys: Iterable[ObjectKey], promote: bool | None = None) -> list[Entry]:
+        keys = [str(k) for k in okeys]
+        if not keys or not self._connected():
+            return []
+        if self._bytes_mode:
+            got = self._call("get", keys=keys)
+            if got is None:
+                return []
+            headers = [ChunkHeader.unpack(h) for h in got[0]["headers"]]
+            return [Entry(h, 0, torch.frombuffer(bytearray(p), dtype=torch.uint8)) for h, p in zip(headers, got[1])]
+        got = self._call("acquire", keys=keys)
+        if got is None:
+            self.stats.misses += 1
+            return []
+        reply = got[0]
+        entries = []
+        for offset, raw_header in reply["items"]:
+            header = ChunkHeader.unpack(raw_header)
+            entries.append(Entry(header, reply["lease"], self._shm.tensor[offset : offset + header.payload_nbytes]))
+        self.stats.hits += len(entries)
+        if not entries:
+            self._call("release", lease=reply["lease"])
+        return entries
+
+    def release_many(self, entries: Iterable[Entry]) -> None:
+        for lease in {e.lease for e in entries if e.lease}:
+            self._call("release", lease=lease)
+
+    def prefetch(self, okeys: Iterable[ObjectKey]) -> int:
+        got = self._call("prefetch", keys=[str(k) for k in okeys])
+        return 0 if got is None else got[0]["cpu"]
+
+    def flush(self) -> None:
+        pass  # write-back happens in the server
+
+    def tier_stats(self) -> dict[str, dict[str, int]]:
+        got = self._call("stats")
+        server = {} if got is None else got[0]["tiers"]
+        return {"client": self.stats.as_dict(), **{f"server_{k}": v for k, v in server.items()}}
+
+    def clear(self) -> int:
+        got = self._call("clear")
+        return 0 if got is None else got[0]["cleared"]
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+            if self._shm is not None:
+                self._shm.close()
+                self._shm = None

@@ -1,0 +1,61 @@
+"""The wire protocol between engines and ``lmcache server`` (version 1).
+
+Transport: ZeroMQ, server ROUTER, client DEALER. Every message is one msgpack frame, optionally followed
+by raw payload frames (the byte fallback for clients that cannot map the shared pool):
+
+    request:  {"v": 1, "op": str, "id": int, "session": str, "token": str, ...op fields}
+    reply:    {"v": 1, "id": int, "ok": bool, "error": str (when not ok), "server": instance id, ...fields}
+
+Ops (fields -> reply fields):
+    hello    protocol, model {name, fingerprint}        -> session, shm_path, shm_size, chunk_size, server_version
+    lookup   keys [str]                                 -> tiers [str] (the cached prefix, tier of each chunk)
+    reserve  items [[key, nbytes]]                      -> slots [offset | "exists" | null], lease
+    commit   lease, items [[key, header bytes, offset]] -> stored
+    abort    lease                                      -> {}
+    acquire  keys [str]                                 -> items [[offset, header bytes]], lease
+    release  lease                                      -> {}
+    put      key, header bytes + 1 payload frame        -> stored (byte fallback)
+    get      keys [str]                                 -> headers [bytes] + payload frames (byte fallback)
+    prefetch keys [str]                                 -> cpu (how many leading keys are now in the CPU tier)
+    stats    -                                          -> tiers {name: counters}, clients, pool
+    clear    -                                          -> cleared
+
+Keys are ``ObjectKey`` strings (chunk key hex @ head range). Offsets are byte offsets into the shared
+pool. A lease holds references on pool memory until committed/released, or until it expires
+(``lease_timeout_s``), so a client that dies mid-operation leaks nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+OPS = ("hello", "lookup", "reserve", "commit", "abort", "acquire", "release", "put", "get", "prefetch", "stats", "clear")
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(dict)
+
+
+class ProtocolError(ValueError):
+    """A malformed or unacceptable message; the reply carries the message text."""
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(frame: bytes) -> dict[str, Any]:
+    try:
+        msg = _decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(f"not a msgpack map: {e}") from None
+    return msg
+
+
+def field(msg: dict, name: str, kind: type | tuple[type, ...]) -> Any:
+    value = msg.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ProtocolError(f"field '{name}' missing or not {getattr(kind, '__name__', kind)}")
+    return value
