@@ -93,3 +93,11 @@ def test_bench_tier_redis_unreachable_is_one_line():
 
     r = run("bench", "tier", "--tier", "redis", "--model-shape", "tiny", "--url", f"redis://127.0.0.1:{free_port()}/0")
     assert r.returncode == 2 and "no Redis answers there" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_bench_transfer_mp_mode_compares_with_inproc():
+    r = run("bench", "transfer", "--model-shape", "tiny", "--tokens", "2048", "--repeats", "1", "--mode", "mp", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["bit_exact"] is True and d["mp"]["bit_exact"] is True
+    assert d["mp"]["store_vs_inproc"] > 0 and d["mp"]["retrieve_vs_inproc"] > 0

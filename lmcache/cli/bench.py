@@ -33,6 +33,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--layout", default="vllm-lbnhc", choices=LAYOUTS, help="engine KV layout to read and write")
     t.add_argument("--block-size", type=int, default=16, help="engine block/page size in tokens")
     t.add_argument("--repeats", type=int, default=3, help="timed repetitions; the best is reported")
+    t.add_argument("--mode", default="inproc", choices=("inproc", "mp"),
+                   help="mp: also run through an 'lmcache server' it starts, next to in-process, same run")
     t.add_argument("--json", action="store_true", help="machine-readable output")
     add_config_flags(t)
     t.set_defaults(func=cmd_transfer)
@@ -158,17 +160,25 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
     say("verifying every retrieved byte against the source")
     exact = _verify(src, src_slots, dst, dst_slots)
+    backend_name, threads = engine.backend.name, getattr(engine.backend, "threads", None)
     engine.close()
+    mp = None
+    if args.mode == "mp":
+        del engine, pool_bytes
+        mp = _transfer_mp(cfg, geometry, args, prompt, src, src_slots, dst, dst_storage, dst_slots, say, sync)
+        exact = exact and mp["bit_exact"]
 
     store_gbs, retrieve_gbs = nbytes / store_s / 1e9, nbytes / retrieve_s / 1e9
     data = {
         "model_shape": args.model_shape, "tokens": tokens, "bytes": nbytes, "device": str(device),
-        "layout": args.layout, "block_size": args.block_size, "backend": engine.backend.name,
-        "threads": getattr(engine.backend, "threads", None),
+        "layout": args.layout, "block_size": args.block_size, "backend": backend_name,
+        "threads": threads,
         "store_gbps": store_gbs, "raw_store_copy_gbps": raw_d2h / 1e9, "store_ratio": store_gbs / (raw_d2h / 1e9),
         "retrieve_gbps": retrieve_gbs, "raw_retrieve_copy_gbps": raw_h2d / 1e9,
         "retrieve_ratio": retrieve_gbs / (raw_h2d / 1e9), "lookup_ms": lookup_s * 1e3, "bit_exact": exact,
     }
+    if mp is not None:
+        data["mp"] = {**mp, "store_vs_inproc": mp["store_gbps"] / store_gbs, "retrieve_vs_inproc": mp["retrieve_gbps"] / retrieve_gbs}
 
     def render(d: dict) -> None:
         table(
@@ -178,10 +188,38 @@ def cmd_transfer(args: argparse.Namespace) -> int:
             [["store", f"{d['store_gbps']:.2f}", f"{d['raw_store_copy_gbps']:.2f}", f"{d['store_ratio']:.0%}"],
              ["retrieve", f"{d['retrieve_gbps']:.2f}", f"{d['raw_retrieve_copy_gbps']:.2f}", f"{d['retrieve_ratio']:.0%}"]],
         )
+        if "mp" in d:
+            m = d["mp"]
+            table("through lmcache server (MP mode, shared-memory pool) vs in-process, same run",
+                  ["operation", "MP GB/s", "in-process GB/s", "MP / in-process"],
+                  [["store", f"{m['store_gbps']:.2f}", f"{d['store_gbps']:.2f}", f"{m['store_vs_inproc']:.0%}"],
+                   ["retrieve", f"{m['retrieve_gbps']:.2f}", f"{d['retrieve_gbps']:.2f}", f"{m['retrieve_vs_inproc']:.0%}"]])
         print(f"lookup of the whole prompt: {d['lookup_ms']:.2f} ms; retrieved bytes bit-exact: {d['bit_exact']}")
 
     emit(args, data, render)
     return 0 if exact else 1
+
+
+def _transfer_mp(cfg, geometry, args, prompt, src, src_slots, dst, dst_storage, dst_slots, say, sync) -> dict:
+    from lmcache.core.engine import CacheEngine
+    from lmcache.server.launch import ChildServer
+
+    say("starting lmcache server for the MP measurement")
+    server = ChildServer(cfg.chunk_size, cfg.max_cpu_size_gb)
+    try:
+        engine = CacheEngine(cfg.replace(mode="mp", server_url=server.url, remote_timeout_s=60.0),
+                             ModelIdentity(f"bench/{args.model_shape}", geometry), device=src_slots.device)
+        nbytes = len(prompt) * geometry.bytes_per_token()
+        say("timing store through the server")
+        store_s = _best_seconds(lambda: engine.store(prompt, src, src_slots), args.repeats, before=engine.clear, sync=sync)
+        dst_storage.view(-1).view(torch.uint8).zero_()
+        say("timing retrieve through the server")
+        retrieve_s = _best_seconds(lambda: engine.retrieve(prompt, dst, dst_slots), args.repeats, sync=sync)
+        exact = _verify(src, src_slots, dst, dst_slots)
+        engine.close()
+    finally:
+        server.stop()
+    return {"store_gbps": nbytes / store_s / 1e9, "retrieve_gbps": nbytes / retrieve_s / 1e9, "bit_exact": exact}
 
 
 def _verify(src: KVLayout, src_slots: torch.Tensor, dst: KVLayout, dst_slots: torch.Tensor) -> bool:
