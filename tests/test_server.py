@@ -154,7 +154,7 @@ def test_protocol_version_mismatch_is_a_clear_error(server):
               st.sampled_from(["lookup", "reserve", "commit", "acquire", "release", "put", "get", "nope", "hello"]),
               st.dictionaries(st.sampled_from(["keys", "items", "lease", "key", "header", "model", "geometry"]),
                               st.one_of(st.integers(-2**40, 2**40), st.binary(max_size=20), st.text(max_size=20),
-                                        st.lists(st.one_of(st.integers(), st.text(max_size=40)), max_size=4)))),
+                                        st.lists(st.one_of(st.integers(-2**63, 2**63 - 1), st.text(max_size=40)), max_size=4)))),
 ), min_size=1, max_size=3))
 def test_garbage_on_the_wire_is_answered_and_the_server_keeps_serving(fuzz_server, frames):
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -220,3 +220,11 @@ def test_http_management_api(server):
     assert bad.value.code == 400
     assert server.http("POST", "/clear", {})["cleared"] == 3  # loopback, no token configured
     assert e.lookup(toks) == 0
+
+
+def test_pool_larger_than_dev_shm_is_refused_with_a_fix():
+    free_gib = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize / 2**30
+    r = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "server", "--http-port", "0", "--port", "0",
+                        "--cpu-size-gb", str(int(free_gib * 2) + 1)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "does not fit in /dev/shm" in r.stderr and "--shm-size" in r.stderr

@@ -83,7 +83,13 @@ class CacheServer:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self._sock.bind(f"tcp://{host}:{port}")
+        try:
+            self._sock.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError as e:
+            self._sock.close(0)
+            self.stack.close()
+            self.shm.close()  # no segment left behind by a server that never started
+            raise OSError(str(e)) from None
         self.lock = threading.RLock()  # held while handling; HTTP writers take it too
 
     # -- loop ---------------------------------------------------------------------------------------

@@ -30,6 +30,12 @@ class SharedBuffer:
 
     @classmethod
     def create(cls, size: int, tag: str = "") -> "SharedBuffer":
+        # tmpfs pages are allocated on first touch: a segment larger than /dev/shm's free space would
+        # crash the server (SIGBUS) later, mid-write, instead of failing now with a clear message
+        free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+        if size > free:
+            raise ValueError(f"the CPU pool ({size / 2**30:.2f} GiB) does not fit in {SHM_DIR} ({free / 2**30:.2f} GiB free): "
+                             "lower --cpu-size-gb, or give the container more shared memory (docker --shm-size)")
         path = os.path.join(SHM_DIR, f"lmcache-{tag}{os.getpid()}-{secrets.token_hex(6)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
