@@ -108,6 +108,9 @@ class RowMap:
     block_stride: int
     token_stride: int
     block_size: int
+    #: [L, slots, H, C'] when slots are evenly spaced (block stride = block_size x token stride, as in
+    #: vLLM's LBNHC) and layers too: scatters then index_copy_ along slots, writing in memory order
+    by_slot: torch.Tensor | None = None
 
     def index(self, slots: torch.Tensor) -> torch.Tensor:
         at = (slots // self.block_size) * self.block_stride + (slots % self.block_size) * self.token_stride
@@ -140,7 +143,13 @@ def _build_row_map(kv: BlockPagedKV) -> RowMap | None:
     layer_rows = torch.tensor([t.storage_offset() // (c * ratio) for t in kv.layers], device=first.device)
     heads = torch.arange(kv.num_heads, device=first.device) * (sh // c)
     base = (heads.view(-1, 1, 1) + layer_rows.view(1, -1, 1))
-    return RowMap(rows, base, sb // c, sn // c, kv.block_size)
+    by_slot = None
+    steps = {kv.layers[i + 1].storage_offset() - kv.layers[i].storage_offset() for i in range(len(kv.layers) - 1)}
+    if sb == kv.block_size * sn and len(steps) <= 1:
+        layer_step = (steps.pop() // ratio) if steps else 0
+        by_slot = torch.empty(0, dtype=wide.dtype, device=first.device).set_(
+            storage, first.storage_offset() // ratio, (len(kv.layers), kv.num_slots, kv.num_heads, c), (layer_step, sn, sh, 1))
+    return RowMap(rows, base, sb // c, sn // c, kv.block_size, by_slot)
 
 
 def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> None:
@@ -203,7 +212,10 @@ def scatter(kv: KVLayout, plan: SlotPlan, chunk: torch.Tensor, layers: range) ->
         rm = row_map(kv)
         if rm is not None:
             (src,) = _widen(chunk.contiguous())
-            rm.rows.index_copy_(0, rm.index(plan.slots), src.view(-1, rm.rows.shape[1]))
+            if rm.by_slot is not None:  # [H, L, T, C'] -> [L, T, H, C'] written slot by slot
+                rm.by_slot.index_copy_(1, plan.slots, src.permute(1, 2, 0, 3))
+            else:
+                rm.rows.index_copy_(0, rm.index(plan.slots), src.view(-1, rm.rows.shape[1]))
             return
     if not isinstance(kv, BlockPagedKV):
         _scatter_token_slots(kv, plan.slots, chunk, layers)
