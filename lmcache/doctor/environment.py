@@ -30,7 +30,7 @@ def _accelerator() -> tuple[str | None, str]:
         kind = "rocm" if torch.version.hip else "cuda"
         return "cuda", f"{kind}: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     try:
-        import torch_npu  # noqa: F401
+        import torch_npu  # noqa: F401  (registers torch.npu)
 
         if torch.npu.is_available():  # type: ignore[attr-defined]
             return "npu", "ascend NPU"
@@ -85,8 +85,7 @@ def _memory(cfg) -> Iterator[Check]:
     else:
         limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft / GiB:.2f} GiB"
         try:
-            probe = torch.empty(min(want, 256 << 20), dtype=torch.uint8, pin_memory=True)
-            del probe
+            torch.empty(min(want, 256 << 20), dtype=torch.uint8, pin_memory=True)  # a real pin, then freed
             yield Check("pinned memory", OK, f"pinned a {min(want, 256 << 20) >> 20} MiB test buffer; ulimit -l {limit}")
         except RuntimeError as e:
             yield Check("pinned memory", FAIL, f"cannot pin host memory ({e}); ulimit -l {limit}",
