@@ -12,7 +12,7 @@ import blake3
 import torch
 from tierutil import CHUNK_BYTES, engine, prompt, retrieved_exactly, store
 
-from lmcache.core.chunk_format import encode, header_for
+from lmcache.core.chunk_format import header_for
 from lmcache.core.geometry import KVGeometry
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +66,3 @@ def cmd_server(args: argparse.Namespace) -> int:
         server.close()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(cmd_server(argparse.Namespace()))
