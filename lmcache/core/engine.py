@@ -62,6 +62,7 @@ class CacheEngine:
         registry: Registry | None = None,
     ) -> None:
         self.config = config
+        log.setLevel(config.log_level)
         self.identity = identity
         self.geometry = identity.geometry
         self.chunk_size = config.chunk_size
