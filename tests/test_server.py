@@ -103,6 +103,8 @@ def test_killed_client_leaks_nothing(server, tmp_path):
     p = subprocess.Popen([sys.executable, str(script), server.url, HERE], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "holding"
     assert server.http("GET", "/stats")["leases"] == 1
+    time.sleep(2.5)  # past the 1 s lease timeout: the client is slow, not dead, so its memory stays its own
+    assert server.http("GET", "/stats")["leases"] == 1
     p.send_signal(signal.SIGKILL)
     p.wait()
     deadline = time.monotonic() + 10
@@ -231,3 +233,19 @@ def test_pool_larger_than_dev_shm_is_refused_with_a_fix():
                         "--cpu-size-gb", str(int(free_gib * 2) + 1)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "does not fit in /dev/shm" in r.stderr and "--shm-size" in r.stderr
+
+
+def test_a_client_stalled_past_the_hard_limit_loses_its_lease(server, tmp_path):
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    p = subprocess.Popen([sys.executable, str(script), server.url, HERE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "holding"
+        deadline = time.monotonic() + 30  # lease timeout 1 s x hard factor 10
+        while server.http("GET", "/stats")["leases"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stats = server.http("GET", "/stats")
+        assert stats["leases"] == 0 and stats["pool"]["used"] == 0 and p.poll() is None
+    finally:
+        p.kill()
+        p.wait()

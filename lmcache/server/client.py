@@ -9,6 +9,8 @@ is noticed by its instance id: the old mapping is dropped and the new pool mappe
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -114,6 +116,7 @@ class ServerStack:
     def _hello(self) -> bool:
         g = self.identity.geometry
         got = self._roundtrip({"op": "hello", "model": self.identity.model_name, "heads": list(self.head_range),
+                               "pid": os.getpid(), "host": socket.gethostname(),
                                "geometry": [g.num_layers, g.num_kv_heads, g.k_dim, g.v_dim, DTYPE_CODES[g.dtype], g.kind]})
         if got is None:
             return False

@@ -7,7 +7,7 @@ by raw payload frames (the byte fallback for clients that cannot map the shared 
     reply:    {"v": 1, "id": int, "ok": bool, "error": str (when not ok), "server": instance id, ...fields}
 
 Ops (fields -> reply fields):
-    hello    protocol, model {name, fingerprint}        -> session, shm_path, shm_size, chunk_size, server_version
+    hello    model, geometry, heads, pid, host          -> session, shm_path, shm_size, chunk_size, server_version
     lookup   keys [str]                                 -> tiers [str] (the cached prefix, tier of each chunk)
     reserve  items [[key, nbytes]]                      -> slots [offset | "exists" | null], lease
     commit   lease, items [[key, header bytes, offset]] -> stored
@@ -22,7 +22,8 @@ Ops (fields -> reply fields):
 
 Keys are ``ObjectKey`` strings (chunk key hex @ head range). Offsets are byte offsets into the shared
 pool. A lease holds references on pool memory until committed/released, or until it expires
-(``lease_timeout_s``), so a client that dies mid-operation leaks nothing.
+(``lease_timeout_s``; extended while the client's process is alive, up to 10x), so a client that dies
+mid-operation leaks nothing and a slow one never finds its memory reused under it.
 """
 
 from __future__ import annotations

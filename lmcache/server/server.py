@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import socket
 import secrets
 import threading
 import time
@@ -29,7 +31,30 @@ from lmcache.server.protocol import OPS, PROTOCOL_VERSION, ProtocolError, decode
 from lmcache.server.shm import SharedBuffer
 
 log = logging.getLogger("lmcache")
-MAX_KEYS = 1 << 16  # per request: a 16M-token prompt at chunk 256; more is an error, not a hang
+MAX_KEYS = 1 << 16
+# A lease whose client process is still alive is extended, up to this many lease timeouts: memory a live
+# client may still write or read is not handed to anyone else while it can still use it.
+HARD_LEASE_FACTOR = 10  # per request: a 16M-token prompt at chunk 256; more is an error, not a hang
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return os.path.exists(f"/proc/{pid}") and _not_zombie(pid)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def is_loopback(host: str) -> bool:
@@ -49,12 +74,16 @@ class Session:
     started: float
     last_seen: float
     requests: int = 0
+    #: the client's process id when it runs on this host (it maps the pool): lets the server tell a slow
+    #: client from a dead one before reusing memory the client may still touch
+    pid: int | None = None
 
 
 @dataclass
 class Lease:
     session: str
     expires: float
+    hard_deadline: float = 0.0
     objs: dict[int, tuple[ObjectKey, MemoryObj]] = field(default_factory=dict)  # reserve: offset -> (key, obj)
     entries: list[Any] = field(default_factory=list)  # acquire: CpuEntry with a reader's reference
 
@@ -179,7 +208,8 @@ class CacheServer:
             raise ProtocolError(f"field '{name}' holds a malformed key") from None
 
     def _new_lease(self, session: Session) -> Lease:
-        lease = Lease(session.id, time.monotonic() + self.lease_timeout_s)
+        now = time.monotonic()
+        lease = Lease(session.id, now + self.lease_timeout_s, now + HARD_LEASE_FACTOR * self.lease_timeout_s)
         self.leases[self._next_lease] = lease
         self._next_lease += 1
         return lease
@@ -203,12 +233,18 @@ class CacheServer:
             return
         with self.lock:
             for lid in expired:
-                lease = self.leases.pop(lid, None)
-                if lease is not None:
-                    self._drop_lease(lease)
-                    self.counters["expired_leases"] += 1
-                    log.warning("lmcache server: lease %d of session %s expired (client gone?); its memory is released",
-                                lid, lease.session)
+                lease = self.leases.get(lid)
+                if lease is None:
+                    continue
+                session = self.sessions.get(lease.session)
+                if session is not None and _alive(session.pid) and now < lease.hard_deadline:
+                    lease.expires = min(now + self.lease_timeout_s, lease.hard_deadline)  # slow, not dead
+                    continue
+                del self.leases[lid]
+                self._drop_lease(lease)
+                self.counters["expired_leases"] += 1
+                log.warning("lmcache server: lease %d of session %s expired (client %s); its memory is released",
+                            lid, lease.session, "stalled too long" if session and _alive(session.pid) else "gone")
 
     def _check_header(self, raw: Any, key: ObjectKey) -> ChunkHeader:
         if not isinstance(raw, bytes) or len(raw) != HEADER_BYTES:
@@ -236,7 +272,8 @@ class CacheServer:
                 raise ProtocolError(f"bad model geometry: {e}") from None
         sid = secrets.token_hex(8)
         now = time.time()
-        self.sessions[sid] = Session(sid, model, identity.hex(), now, now)
+        pid = msg.get("pid") if isinstance(msg.get("pid"), int) and msg.get("host") == socket.gethostname() else None
+        self.sessions[sid] = Session(sid, model, identity.hex(), now, now, pid=pid)
         return {"session": sid, "shm_path": self.shm.path, "shm_size": self.shm.size, "chunk_size": self.config.chunk_size,
                 "server_version": __version__}, []
 
