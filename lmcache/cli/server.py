@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 
 
@@ -26,6 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_server)
 
 
+def _sensible_pool_gb(default_gb: float) -> float:
+    """Without an explicit size: the default, but at most half the RAM and 80% of free /dev/shm."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    st = os.statvfs("/dev/shm")
+    shm_free = st.f_bavail * st.f_frsize
+    return round(max(0.1, min(default_gb, 0.5 * ram / 2**30, 0.8 * shm_free / 2**30)), 2)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from lmcache.cli.main import config_from_args
     from lmcache.server.http import start_http
@@ -35,6 +44,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                            eviction_policy=args.eviction_policy, local_disk_path=args.disk_path,
                            remote_url=args.remote_url)
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    if cfg.source_of("max_cpu_size_gb") == "default":
+        cfg = cfg.replace(max_cpu_size_gb=_sensible_pool_gb(cfg.max_cpu_size_gb))
     try:
         server = CacheServer(cfg, args.host, args.port, args.token, args.allow_remote, args.lease_timeout)
     except OSError as e:
