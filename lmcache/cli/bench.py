@@ -216,7 +216,8 @@ def _transfer_mp(cfg, geometry, args, prompt, src, src_slots, dst, dst_storage, 
     from lmcache.server.launch import ChildServer
 
     say("starting lmcache server for the MP measurement")
-    server = ChildServer(cfg.chunk_size, cfg.max_cpu_size_gb)
+    needed_gb = len(prompt) * geometry.bytes_per_token() * 1.05 / 2**30 + 0.01
+    server = ChildServer(cfg.chunk_size, needed_gb)  # only what the prompt needs: /dev/shm may be small
     try:
         engine = CacheEngine(cfg.replace(mode="mp", server_url=server.url, remote_timeout_s=60.0),
                              ModelIdentity(f"bench/{args.model_shape}", geometry), device=src_slots.device)
