@@ -7,7 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from lmcache.core.chunk_format import ChunkHeader
+from lmcache.core.chunk_format import ChunkHeader, byte_view, encode
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
 from lmcache.core.tiers.stats import TierStats
@@ -18,9 +18,18 @@ class CpuEntry:
     key: ObjectKey
     header: ChunkHeader
     obj: MemoryObj
+    #: header bytes with the payload checksum, computed once for all lower tiers (bytes are immutable once stored)
+    sealed: bytes | None = None
 
     def payload(self):
         return self.obj.tensor(self.header.dtype, self.header.payload_shape)
+
+    def encoded(self) -> tuple[bytes, memoryview]:
+        """(sealed header, payload bytes) for a lower tier; the checksum is computed on first use only."""
+        if self.sealed is None:
+            self.sealed, view = encode(self.header, self.obj.raw)
+            return self.sealed, view
+        return self.sealed, byte_view(self.obj.raw)
 
 
 class CpuTier:

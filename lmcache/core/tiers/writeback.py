@@ -12,7 +12,6 @@ import queue
 import threading
 from typing import Any
 
-from lmcache.core.chunk_format import encode
 from lmcache.core.tiers.stats import TierStats
 
 log = logging.getLogger("lmcache")
@@ -60,7 +59,7 @@ class WriteBack:
                 if entry is _STOP:
                     return
                 if not self.tier.contains(entry.key):
-                    header, payload = encode(entry.header, entry.obj.raw)
+                    header, payload = entry.encoded()  # checksum shared by every lower tier
                     if self.tier.put(entry.key, header, payload):
                         self.stats.stores += 1
                     else:
