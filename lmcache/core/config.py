@@ -62,6 +62,7 @@ class LMCacheConfig:
     pin_cpu_memory: str = _key("auto", "Pin the CPU pool for fast DMA: auto (when an accelerator is present), yes, no.", _choice("auto", "yes", "no"))
     eviction_policy: str = _key("LRU", "Which chunk leaves a full tier first: LRU (least recently used).", _choice("LRU"))
     device_backend: str = _key("auto", "Hardware backend for paged gather/scatter: auto, cpu, cuda, rocm, ascend or a plugin's name.", _backend_name)
+    model_name: str = _key("", "Name scoping chunk keys; empty: the engine's model path as given. Engines that should share chunks need the same name.", lambda v: None if "\n" not in v and len(v) <= 512 else "one line of at most 512 characters")
     cache_salt: str = _key("", "Default namespace mixed into every chunk key; two salts never share a chunk.")
     copy_threads: int = _key(0, "CPU threads for host-side gather/scatter; 0 picks min(4, cores).", _non_negative)
     local_disk_path: str = _key("", "Directory of the local disk tier; empty disables the disk tier.")

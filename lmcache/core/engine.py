@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -34,6 +34,8 @@ class StoreResult:
     existing_chunks: int = 0
     #: chunks not stored: no room in the pool, or tokens without a KV slot
     dropped_chunks: int = 0
+    #: indices (into the chunk list) of the chunks this call stored
+    stored_indices: list[int] = field(default_factory=list)
 
     @property
     def stored_tokens(self) -> int:
@@ -147,16 +149,23 @@ class CacheEngine:
         """Store the full chunks of ``tokens`` whose KV sits at ``slot_mapping`` (one slot per token,
         -1 where the engine has none); chunks already cached are skipped, not rewritten."""
         self._check(kv, tokens, slot_mapping)
+        keys = self.hasher(salt).keys(tokens[: (len(slot_mapping) // self.chunk_size) * self.chunk_size])
+        return self.store_chunks(keys, kv, slot_mapping)
+
+    def store_chunks(self, chunk_keys: Sequence[bytes], kv: KVLayout, slot_mapping: torch.Tensor, first: int = 0) -> StoreResult:
+        """Store chunks by key: ``chunk_keys[i]`` names the tokens at ``slot_mapping[i*cs:(i+1)*cs]``.
+        Chunks before index ``first`` are left alone (an adapter that knows they are cached already)."""
+        self._check(kv, None, slot_mapping)
         cs = self.chunk_size
         result = StoreResult(cs)
-        keys = self.hasher(salt).keys(tokens[: (len(slot_mapping) // cs) * cs])
-        if not keys:
+        keys = list(chunk_keys[: len(slot_mapping) // cs])
+        if len(keys) <= first:
             return result
         complete = (slot_mapping[: len(keys) * cs].view(len(keys), cs) >= 0).all(dim=1).tolist()
         wanted = []
-        for i, key in enumerate(keys):
+        for i in range(first, len(keys)):
             if complete[i]:
-                wanted.append((i, self.object_key(key), self._header(key)))
+                wanted.append((i, self.object_key(keys[i]), self._header(keys[i])))
             else:
                 result.dropped_chunks += 1
         slots = self.stack.reserve_many([(okey, h.payload_nbytes) for _, okey, h in wanted])
@@ -167,14 +176,16 @@ class CacheEngine:
             elif slot is None:
                 result.dropped_chunks += 1
             else:
-                pending.append((okey, header, slot, plan_slots(kv, slot_mapping[i * cs : (i + 1) * cs])))
+                pending.append((i, okey, header, slot, plan_slots(kv, slot_mapping[i * cs : (i + 1) * cs])))
         try:
-            self.backend.gather(kv, [(plan, obj.tensor(h.dtype, h.payload_shape)) for _, h, obj, plan in pending])
+            self.backend.gather(kv, [(plan, obj.tensor(h.dtype, h.payload_shape)) for _, _, h, obj, plan in pending])
             self.backend.synchronize()
         except BaseException:
-            self.stack.abort(obj for _, _, obj, _ in pending)
+            self.stack.abort(obj for _, _, _, obj, _ in pending)
             raise
-        result.stored_chunks = self.stack.commit_many([(okey, h, obj) for okey, h, obj, _ in pending])
+        result.stored_chunks = self.stack.commit_many([(okey, h, obj) for _, okey, h, obj, _ in pending])
+        # a chunk another writer committed first is in the cache all the same, so it counts as stored here
+        result.stored_indices = [p[0] for p in pending]
         result.existing_chunks += len(pending) - result.stored_chunks
         self.stats.stored_tokens += result.stored_tokens
         self.stats.dropped_chunks += result.dropped_chunks
@@ -184,8 +195,16 @@ class CacheEngine:
         """Load the cached prefix of ``tokens`` into ``slot_mapping``'s slots (-1: leave that token alone).
         Returns how many leading tokens now hold cached KV (a multiple of chunk_size)."""
         self._check(kv, tokens, slot_mapping)
+        keys = self.hasher(salt).iter_keys(tokens[: (len(slot_mapping) // self.chunk_size) * self.chunk_size])
+        return self.retrieve_chunks(keys, kv, slot_mapping)
+
+    def retrieve_chunks(self, chunk_keys: Iterable[bytes], kv: KVLayout, slot_mapping: torch.Tensor) -> int:
+        """Load the cached prefix of the chunks named by ``chunk_keys`` (see ``store_chunks``); returns
+        how many leading tokens were loaded. A chunk missing or corrupt in every tier ends the prefix."""
+        self._check(kv, None, slot_mapping)
         cs = self.chunk_size
-        okeys = (self.object_key(k) for k in self.hasher(salt).iter_keys(tokens[: (len(slot_mapping) // cs) * cs]))
+        n = len(slot_mapping) // cs
+        okeys = (self.object_key(k) for i, k in zip(range(n), chunk_keys))
         entries = self.stack.acquire_prefix(okeys)
         try:
             jobs = []
@@ -199,12 +218,23 @@ class CacheEngine:
         self.stats.retrieved_tokens += len(entries) * cs
         return len(entries) * cs
 
+    def lookup_chunks(self, chunk_keys: Iterable[bytes], head_ranges: Iterable[tuple[int, int]] | None = None) -> int:
+        """How many leading chunks are cached for every head range given (default: this engine's).
+        A scheduler uses this to ask for all tensor-parallel shards at once. No side effects."""
+        keys = list(chunk_keys)
+        hits = len(keys)
+        for h0, h1 in head_ranges or [self.head_range]:
+            if hits == 0:
+                break
+            hits = min(hits, len(self.stack.lookup_tiers(ObjectKey(k, h0, h1) for k in keys[:hits])))
+        return hits
+
     # -- housekeeping -------------------------------------------------------------------------------
 
-    def _check(self, kv: KVLayout, tokens: Tokens, slot_mapping: torch.Tensor) -> None:
+    def _check(self, kv: KVLayout, tokens: Tokens | None, slot_mapping: torch.Tensor) -> None:
         if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1:
             raise ValueError("slot_mapping must be a 1-D integer tensor with one slot per token")
-        if len(slot_mapping) > len(tokens):
+        if tokens is not None and len(slot_mapping) > len(tokens):
             raise ValueError(f"slot_mapping has {len(slot_mapping)} slots for {len(tokens)} tokens: at most one per token")
         kv.check(self.geometry)
         if (kv.head_start, kv.head_start + kv.num_heads) != self.head_range:

@@ -1,0 +1,204 @@
+"""``LMCacheConnector``: vLLM's KV connector interface (``KVConnectorBase_V1``) onto the lmcache core.
+
+vLLM creates one instance per role: SCHEDULER (lookups and plans) and WORKER (the copies). This class
+only routes vLLM's calls to ``SchedulerSide`` / ``WorkerSide``; vLLM is imported here and nowhere in
+the core.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+from vllm.distributed.kv_events import BlockStored, KVConnectorKVEvents, KVEventAggregator
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+from lmcache.adapters.vllm.model import UnsupportedModel, config_from, model_view, tp_rank_of
+from lmcache.adapters.vllm.plan import RequestPlan
+from lmcache.adapters.vllm.scheduler_side import SchedulerSide
+from lmcache.adapters.vllm.worker_side import WorkerSide
+from lmcache.core.engine import CacheEngine
+from lmcache.core.shared import find_engine
+
+log = logging.getLogger("lmcache")
+MEDIUM_CPU = "CPU"
+
+
+class LMCacheConnectorMetadata(KVConnectorMetadata):
+    def __init__(self, plans: list[RequestPlan]) -> None:
+        self.plans = plans
+
+
+class LMCacheKVEvents(KVConnectorKVEvents):
+    """Worker events, kept by the scheduler only when every worker reported them (all TP shards stored)."""
+
+    def __init__(self, num_workers: int = 1) -> None:
+        self._aggregator = KVEventAggregator(num_workers)
+
+    def add_events(self, events):
+        self._aggregator.add_events(events)
+
+    def aggregate(self):
+        common = self._aggregator.get_common_events()
+        self._aggregator.clear_events()
+        self._aggregator.add_events(common)
+        self._aggregator.reset_workers()
+        return self
+
+    def increment_workers(self, count: int = 1) -> None:
+        self._aggregator.increment_workers(count)
+
+    def get_all_events(self):
+        return self._aggregator.get_all_events()
+
+    def get_number_of_workers(self) -> int:
+        return self._aggregator.get_number_of_workers()
+
+    def clear_events(self) -> None:
+        self._aggregator.clear_events()
+        self._aggregator.reset_workers()
+
+
+class LMCacheConnector(KVConnectorBase_V1):
+    #: the lmcache ``mode`` this class forces (None: whatever the config says)
+    forced_mode: str | None = None
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        config = config_from(vllm_config)
+        if self.forced_mode and config.mode != self.forced_mode:
+            config = config.replace(mode=self.forced_mode)
+        if kv_cache_config is None:
+            raise UnsupportedModel("vLLM passed no kv_cache_config to the connector: this vLLM is older than the "
+                                   "0.33 interface lmcache supports (run 'lmcache doctor')")
+        self.config = config
+        self.view = model_view(vllm_config, kv_cache_config, config)
+        kv_role = self._kv_transfer_config.kv_role
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        self._events: LMCacheKVEvents | None = None
+        self._lookup_engine: CacheEngine | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(config, self.view, self._make_lookup(),
+                                            load=kv_role in ("kv_both", "kv_consumer"),
+                                            save=kv_role in ("kv_both", "kv_producer"))
+        else:
+            self._worker = WorkerSide(config, self.view, tp_rank_of(vllm_config))
+        log.info("lmcache connector (%s, %s mode): model %s, %d layers, chunk %d tokens", role.name.lower(),
+                 config.mode, self.view.identity.model_name, self.view.geometry.num_layers, config.chunk_size)
+
+    def _make_lookup(self):
+        view, config = self.view, self.config
+        shards = view.shard_ranges()
+        if config.mode == "mp":
+            # the scheduler asks the server directly; it holds no pool of its own
+            self._lookup_engine = CacheEngine(config, view.identity, device="cpu", head_range=view.head_range(0))
+            return lambda keys: self._lookup_engine.lookup_chunks(keys, shards)
+        if view.tp_size > 1:
+            raise UnsupportedModel(
+                f"tensor_parallel_size {view.tp_size} with lmcache mode 'inproc': each worker process would own a "
+                "pool the scheduler cannot see. Start 'lmcache server' and set mode: mp (kv_connector_extra_config "
+                "{\"lmcache.mode\": \"mp\"} or LMCACHE_MODE=mp)")
+        warned = []
+
+        def lookup(keys: list[bytes]) -> int:
+            engine = find_engine(config, view.identity, view.head_range(0))
+            if engine is None:
+                if not warned:
+                    warned.append(1)
+                    log.warning("lmcache: the scheduler found no in-process cache engine (the worker runs in another "
+                                "process); lookups miss until mode: mp is used")
+                return 0
+            return engine.lookup_chunks(keys, shards)
+
+        return lookup
+
+    # ============================== scheduler side ==============================
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        return LMCacheConnectorMetadata(self._scheduler.build_plans(scheduler_output))
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._scheduler.request_finished(request)
+        return False, None
+
+    def update_connector_output(self, connector_output) -> None:
+        events = getattr(connector_output, "kv_cache_events", None)
+        if isinstance(events, LMCacheKVEvents):
+            if self._events is None:
+                self._events = events
+            else:
+                self._events.add_events(events.get_all_events())
+                self._events.increment_workers(events.get_number_of_workers())
+
+    def take_events(self) -> Iterable[Any]:
+        if self._events is not None:
+            self._events.aggregate()
+            yield from self._events.get_all_events()
+            self._events.clear_events()
+            self._events = None
+
+    # ============================== worker side ==============================
+
+    def register_kv_caches(self, kv_caches) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        self._worker.load(self._plans())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # start_load_kv loaded every layer already
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return None  # all layers are stored together in wait_for_save, after the forward wrote them
+
+    def wait_for_save(self) -> None:
+        self._worker.save(self._plans())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker else set()
+
+    def get_kv_connector_kv_cache_events(self) -> LMCacheKVEvents | None:
+        stored = self._worker.take_stored() if self._worker else []
+        if not stored:
+            return None
+        events = LMCacheKVEvents(num_workers=1)
+        events.add_events([
+            BlockStored(
+                block_hashes=[maybe_convert_block_hash(h) for h in s.block_hashes],
+                parent_block_hash=maybe_convert_block_hash(s.parent_hash) if s.parent_hash else None,
+                token_ids=s.token_ids,
+                block_size=self.view.block_size,
+                lora_id=None,
+                medium=MEDIUM_CPU,
+                lora_name=None,
+            )
+            for s in stored
+        ])
+        return events
+
+    def _plans(self) -> list[RequestPlan]:
+        if not self.has_connector_metadata():
+            return []
+        meta = self._get_connector_metadata()
+        return meta.plans if isinstance(meta, LMCacheConnectorMetadata) else []
+
+    # ============================== both ==============================
+
+    def shutdown(self) -> None:
+        if self._lookup_engine is not None:
+            self._lookup_engine.close()
+            self._lookup_engine = None
+        if self._worker is not None and self._worker.engine is not None:
+            self._worker.engine.flush()

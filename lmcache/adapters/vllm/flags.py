@@ -1,0 +1,49 @@
+"""The ``vllm serve`` command line that loads this connector with a given lmcache config."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from lmcache.core.config import ConfigError, LMCacheConfig, config_keys
+
+#: vLLM's default KV block size; chunk_size must be a multiple of the block size actually used
+VLLM_DEFAULT_BLOCK_SIZE = 16
+
+
+def extra_config(config: LMCacheConfig, config_path: str | None = None) -> dict:
+    """kv_connector_extra_config carrying the config: the file's path, plus every key that did not come
+    from it (env, overrides), so the command works in a shell without lmcache's environment."""
+    extra: dict = {}
+    if config_path:
+        extra["lmcache.config_file"] = str(config_path)
+    defaults = {k: f.default for k, f in config_keys().items()}
+    for key, value in config.as_dict().items():
+        src = config.source_of(key)
+        if value != defaults[key] and not src.startswith("file "):
+            extra[f"lmcache.{key}"] = value
+    return extra
+
+
+def kv_transfer_config(config: LMCacheConfig, config_path: str | None = None) -> dict:
+    cfg = {"kv_connector": "LMCacheConnector", "kv_connector_module_path": "lmcache.adapters.vllm", "kv_role": "kv_both"}
+    extra = extra_config(config, config_path)
+    if extra:
+        cfg["kv_connector_extra_config"] = extra
+    return cfg
+
+
+def vllm_args(config: LMCacheConfig, config_path: str | None = None, block_size: int | None = None) -> list[str]:
+    """The flags (after the model) that enable lmcache in vLLM."""
+    bs = block_size or VLLM_DEFAULT_BLOCK_SIZE
+    if config.chunk_size % bs:
+        raise ConfigError(f"chunk_size {config.chunk_size} is not a multiple of vLLM's block size {bs}: set chunk_size "
+                          f"to a multiple of {bs} (e.g. {max(1, config.chunk_size // bs) * bs})")
+    args = ["--kv-transfer-config", json.dumps(kv_transfer_config(config, config_path), separators=(",", ":"))]
+    if block_size:
+        args += ["--block-size", str(block_size)]
+    return args
+
+
+def vllm_command(config: LMCacheConfig, model: str, config_path: str | None = None, block_size: int | None = None) -> str:
+    return shlex.join(["vllm", "serve", model, *vllm_args(config, config_path, block_size)])

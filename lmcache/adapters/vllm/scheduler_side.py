@@ -1,0 +1,163 @@
+"""The connector's scheduler half: answers "how much of this prompt is cached?" and plans the copies.
+
+Runs in vLLM's scheduler process. It only looks up (never loads or pins); the worker half does the
+copies the plan names. A request's chunk keys are hashed once and kept until the request finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lmcache.adapters.vllm.model import ModelView
+from lmcache.adapters.vllm.plan import RequestPlan
+from lmcache.core.config import LMCacheConfig
+from lmcache.core.keys import ChunkHasher
+
+log = logging.getLogger("lmcache")
+
+#: lookup(chunk_keys) -> how many leading chunks are loadable now, for every TP shard
+Lookup = Callable[[list[bytes]], int]
+
+
+@dataclass
+class _Tracked:
+    request: Any
+    keys: list[bytes]
+    block_ids: list[int] = field(default_factory=list)
+    #: chunks [0, saved_chunks) are cached or planned to be stored
+    saved_chunks: int = 0
+    #: (start, end) tokens still to load, handed to the next step's plan
+    load: tuple[int, int] | None = None
+
+
+def request_salt(config: LMCacheConfig, request: Any) -> str | None:
+    """The key namespace of a request, or None when its KV is not a function of its tokens alone."""
+    if getattr(request, "mm_features", None) or getattr(request, "prompt_embeds", None) is not None:
+        return None  # image/audio placeholders or embeddings: equal token ids, different KV
+    parts = [config.cache_salt]
+    if getattr(request, "cache_salt", None):
+        parts.append("salt:" + request.cache_salt)
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        parts.append("lora:" + str(getattr(lora, "lora_name", lora)))
+    return "\x1f".join(parts)
+
+
+class SchedulerSide:
+    def __init__(self, config: LMCacheConfig, view: ModelView, lookup: Lookup, *, load: bool, save: bool) -> None:
+        self.config = config
+        self.view = view
+        self.cs = config.chunk_size
+        self.bs = view.block_size
+        self._lookup = lookup
+        self.load_enabled = load
+        self.save_enabled = save
+        self._hashers: dict[str, ChunkHasher] = {}
+        self._keys: dict[str, list[bytes] | None] = {}  # req_id -> prompt chunk keys (None: not cacheable)
+        self._last_match: dict[str, tuple[int, int]] = {}  # req_id -> (local computed, cached tokens)
+        self._tracked: dict[str, _Tracked] = {}
+
+    def _keys_of(self, request: Any) -> list[bytes] | None:
+        rid = request.request_id
+        if rid not in self._keys:
+            salt = request_salt(self.config, request)
+            if salt is None:
+                self._keys[rid] = None
+            else:
+                hasher = self._hashers.get(salt) or self._hashers.setdefault(
+                    salt, ChunkHasher(self.view.identity, self.cs, salt))
+                self._keys[rid] = hasher.keys(request.prompt_token_ids)
+        return self._keys[rid]
+
+    # -- vLLM's scheduler calls, in its order -------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        keys = self._keys_of(request)
+        if not self.load_enabled or not keys:
+            return 0, False
+        # vLLM must compute at least the last token itself, to sample from its logits
+        limit = min(len(keys), (request.num_tokens - 1) // self.cs)
+        cached = self._lookup(keys[:limit]) * self.cs if limit > 0 else 0
+        self._last_match[request.request_id] = (num_computed_tokens, cached)
+        extra = cached - num_computed_tokens
+        return (extra, False) if extra > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        keys = self._keys_of(request)
+        if keys is None:
+            return
+        local, cached = self._last_match.pop(request.request_id, (0, 0))
+        t = self._tracked.get(request.request_id)
+        if t is None:
+            t = self._tracked[request.request_id] = _Tracked(request, keys)
+        t.block_ids = list(blocks.get_block_ids()[0])
+        t.saved_chunks = max(t.saved_chunks, cached // self.cs)
+        t.load = (local, local + num_external_tokens) if num_external_tokens > 0 else None
+
+    def build_plans(self, scheduler_output: Any) -> list[RequestPlan]:
+        plans: list[RequestPlan] = []
+        for preempted in scheduler_output.preempted_req_ids or ():
+            t = self._tracked.get(preempted)
+            if t is not None:  # its blocks are gone; a resume brings new ones and a new load
+                t.load = None
+                t.block_ids = []
+        for new in scheduler_output.scheduled_new_reqs:
+            t = self._tracked.get(new.req_id)
+            if t is None:
+                continue
+            t.block_ids = list(new.block_ids[0])
+            done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
+            self._plan(t, done, plans)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            t = self._tracked.get(rid)
+            if t is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if rid in cached.resumed_req_ids:
+                t.block_ids = list(new_blocks[0]) if new_blocks else []
+            elif new_blocks:
+                t.block_ids.extend(new_blocks[0])
+            done = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(rid, 0)
+            self._plan(t, done, plans)
+        return plans
+
+    def _plan(self, t: _Tracked, computed_after_step: int, plans: list[RequestPlan]) -> None:
+        cs = self.cs
+        load, t.load = t.load, None
+        save_end = min(computed_after_step, len(t.request.prompt_token_ids)) // cs if self.save_enabled else 0
+        save_first = t.saved_chunks
+        if save_end > save_first:
+            t.saved_chunks = save_end
+        else:
+            save_end = save_first
+        if load is None and save_end == save_first:
+            return
+        load_start, load_end = load or (0, 0)
+        n = max(load_end // cs, save_end)
+        plan = RequestPlan(
+            req_id=t.request.request_id,
+            chunk_keys=t.keys[:n],
+            block_ids=t.block_ids[: -(-n * cs // self.bs)],
+            load_start=load_start,
+            load_end=load_end,
+            save_first=save_first,
+            save_end=save_end,
+        )
+        if self.view.kv_events and save_end > save_first:
+            hashes = list(getattr(t.request, "block_hashes", ()))
+            b0, b1 = save_first * cs // self.bs, save_end * cs // self.bs
+            if len(hashes) >= b1:
+                plan.block_hashes = [bytes(h) for h in hashes[b0:b1]]
+                plan.parent_hash = bytes(hashes[b0 - 1]) if b0 > 0 else None
+                plan.save_token_ids = list(t.request.prompt_token_ids[save_first * cs : save_end * cs])
+        plans.append(plan)
+
+    def request_finished(self, request: Any) -> None:
+        # saves complete inside the step that planned them (wait_for_save), so the blocks are free now
+        rid = request.request_id
+        self._tracked.pop(rid, None)
+        self._keys.pop(rid, None)
+        self._last_match.pop(rid, None)
