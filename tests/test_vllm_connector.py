@@ -57,3 +57,101 @@ def test_every_vllm_layout_round_trips(model_dir, layout):
     b.add("B", prompt(100))
     assert b.step().output.scheduled_new_reqs[0].num_computed_tokens == 96
     b.run()
+
+
+def test_vllm_prefix_hit_first_then_ours_for_the_rest(model_dir):
+    a = CpuVllm(vllm_config(model_dir, extra()))
+    a.add("A", prompt(200))
+    a.run()
+    b = CpuVllm(vllm_config(model_dir, extra()))
+    b.add("C", prompt(56) + [1, 1, 1, 1, 1, 1, 1, 1, 1, 1])  # B's own prefix cache gets 3 blocks (48 tokens)
+    b.run()
+    w = b.workers[0].connector._worker
+    before = w.stats.loaded_tokens
+    b.add("D", prompt(200) + [9])
+    first = b.step()
+    new = first.output.scheduled_new_reqs[0]
+    assert new.num_computed_tokens == 192  # 48 from vLLM's prefix cache, 144 loaded by lmcache
+    assert w.stats.loaded_tokens - before == 144  # chunk 1 (tokens 32..63) only partly: 48..63
+    b.run()
+    b.assert_no_leaks()
+
+
+def test_whole_prompt_cached_still_leaves_last_token_to_vllm(model_dir):
+    a = CpuVllm(vllm_config(model_dir, extra()))
+    a.add("A", prompt(128))  # exactly 4 chunks
+    a.run()
+    b = CpuVllm(vllm_config(model_dir, extra()))
+    b.add("B", prompt(128))
+    first = b.step()
+    assert first.output.scheduled_new_reqs[0].num_computed_tokens == 96  # not 128: vLLM computes token 127
+    assert first.output.num_scheduled_tokens["B"] == 32
+    b.run()
+
+
+def test_chunked_prefill_saves_each_chunk_once_as_it_completes(model_dir):
+    a = CpuVllm(vllm_config(model_dir, extra(), budget=48))  # prefill in steps of 48 tokens
+    a.add("A", prompt(200))
+    steps = a.run()
+    w = a.workers[0].connector._worker
+    assert w.stats.saved_chunks == 6 and w.stats.existing_chunks == 0
+    assert len(steps) >= 5
+    b = CpuVllm(vllm_config(model_dir, extra()))
+    b.add("B", prompt(200))
+    assert b.step().output.scheduled_new_reqs[0].num_computed_tokens == 192
+    b.run()
+
+
+def test_abort_mid_prefill_leaks_nothing_and_keeps_finished_chunks(model_dir):
+    from vllm.v1.request import RequestStatus
+
+    a = CpuVllm(vllm_config(model_dir, extra(), budget=64))
+    a.add("A", prompt(300))
+    a.step()
+    a.step()  # 128 tokens computed: 4 chunks saved
+    a.scheduler.finish_requests("A", RequestStatus.FINISHED_ABORTED)
+    a.assert_no_leaks()
+    assert a.workers[0].connector._worker.stats.saved_chunks == 4
+    b = CpuVllm(vllm_config(model_dir, extra()))
+    b.add("B", prompt(300))
+    assert b.step().output.scheduled_new_reqs[0].num_computed_tokens == 128
+    b.run()
+    b.assert_no_leaks()
+
+
+def test_preempted_requests_resume_correctly(model_dir):
+    # 24 blocks of 16 tokens for two requests that each grow to ~13 blocks: vLLM must preempt one
+    a = CpuVllm(vllm_config(model_dir, extra()), num_blocks=25)
+    a.add("X", prompt(150, seed=3), max_tokens=150)  # grows into Y's freed prefix-cache blocks
+    a.add("Y", prompt(150, seed=4), max_tokens=50)
+    steps = a.run(max_steps=400)
+    preempted = set().union(*(s.output.preempted_req_ids or set() for s in steps))
+    assert preempted, "the test setup did not cause a preemption"
+    loads = a.workers[0].connector._worker.stats.loaded_tokens
+    assert loads > 0  # the resumed request took its prompt from lmcache
+    a.assert_no_leaks()
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_chunk_lost_between_lookup_and_load(model_dir, policy):
+    a = CpuVllm(vllm_config(model_dir, extra()))
+    a.add("A", prompt(200))
+    a.run()
+    b = CpuVllm(vllm_config(model_dir, extra(), policy=policy))
+    b.add("B", prompt(200))
+    engine = b.workers[0].connector._worker.engine
+    blocks = []
+
+    def lose_chunks(so):  # the chunks vanish after the lookup, before the load
+        blocks.extend(b.block_ids("B"))
+        engine.clear()
+
+    first = b.step(before_load=lose_chunks)
+    assert first.output.scheduled_new_reqs[0].num_computed_tokens == 192
+    assert first.load_errors == set(blocks[:12])  # exactly the blocks of the load
+    if policy == "recompute":
+        b.run()  # recomputed from the first failed block; every step re-checks the KV
+        b.assert_no_leaks()
+    else:
+        b.run(check=False)
+        b.assert_no_leaks()  # vLLM failed the request; nothing leaked

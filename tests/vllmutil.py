@@ -114,7 +114,7 @@ class StepResult:
 class CpuVllm:
     """One vLLM instance: scheduler + one worker connector per TP rank, KV in vLLM's own views."""
 
-    def __init__(self, config: VllmConfig, num_blocks=256, layout="LBNHC", mla=False):
+    def __init__(self, config: VllmConfig, num_blocks=256, layout="LBNHC", mla=False, kv_fn=None):
         self.config = config
         mc = config.model_config
         self.bs = config.cache_config.block_size
@@ -131,6 +131,8 @@ class CpuVllm:
                                      dtype=torch.float16)
             self.row = 2 * hd
         self.spec = spec
+        #: kv_fn(tokens, positions) -> [tokens, layers, all heads, row]: the "model"
+        self.kv_fn = kv_fn or (lambda t, p: expected_kv(t, p, self.num_layers, self.total_heads, self.row))
         self.kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                                              kv_cache_groups=[KVCacheGroupSpec(list(self.names), spec)])
         config.cache_config.num_gpu_blocks = num_blocks
@@ -179,7 +181,7 @@ class CpuVllm:
         return torch.stack(rows, dim=1)
 
     def expected(self, worker: Worker, tokens, positions) -> torch.Tensor:
-        full = expected_kv(torch.as_tensor(tokens), torch.as_tensor(positions), self.num_layers, self.total_heads, self.row)
+        full = self.kv_fn(torch.as_tensor(tokens), torch.as_tensor(positions))
         h0 = worker.head_start
         return full[:, :, h0 : h0 + worker.heads]
 
@@ -197,9 +199,11 @@ class CpuVllm:
 
     # -- one engine step -------------------------------------------------------------------------------
 
-    def step(self, check=True) -> StepResult:
+    def step(self, check=True, before_load=None) -> StepResult:
         so = self.scheduler.schedule()
         result = StepResult(None)
+        if before_load is not None:
+            before_load(so)
         for w in self.workers:
             w.connector.bind_connector_metadata(so.kv_connector_metadata)
             w.connector.start_load_kv(None)
@@ -243,11 +247,20 @@ class CpuVllm:
         for i, rid in enumerate(cached.req_ids):
             yield rid, cached.num_computed_tokens[i]
 
-    def run(self, max_steps=100, check=True) -> list[StepResult]:
+    def run(self, max_steps=200, check=True) -> list[StepResult]:
         results = []
         while self.scheduler.requests and len(results) < max_steps:
             results.append(self.step(check))
+        assert not self.scheduler.requests, f"requests left after {max_steps} steps"
         return results
+
+    def assert_no_leaks(self) -> None:
+        """vLLM's own bookkeeping is back to empty, and so is the connector's."""
+        pool = self.scheduler.kv_cache_manager.block_pool
+        assert pool.free_block_queue.num_free_blocks == pool.num_gpu_blocks - 1
+        assert all(b.ref_cnt == 0 for b in pool.blocks)
+        sched = self.scheduler.connector._scheduler
+        assert not sched._tracked and not sched._keys and not sched._last_match
 
     def close(self):
         for w in self.workers:

@@ -73,10 +73,17 @@ def _module_check(path: str, cls: str | None) -> Iterator[Check]:
         return
     if cls:
         module = importlib.import_module(path)
-        if not hasattr(module, cls):
-            yield Check("connector class", FAIL, f"module '{path}' has no class '{cls}' (this lmcache release ships no vLLM "
-                        "connector yet)" if path.startswith("lmcache.") else f"module '{path}' has no class '{cls}'",
-                        "check kv_connector against the module's classes")
+        try:
+            found = hasattr(module, cls)
+        except ImportError as e:  # the class needs its engine, which this environment lacks
+            yield Check("connector class", WARN, f"{path}.{cls} cannot load here: {e}",
+                        "run lmcache doctor where the engine is installed")
+            return
+        if not found:
+            names = [n for n in dir(module) if n[:1].isupper()] + (["LMCacheConnector"] if path == "lmcache.adapters.vllm" else [])
+            close = difflib.get_close_matches(cls, names, n=1, cutoff=0.6)
+            yield Check("connector class", FAIL, f"module '{path}' has no class '{cls}'",
+                        f"did you mean \"kv_connector\":\"{close[0]}\"?" if close else "check kv_connector against the module's classes")
             return
         yield Check("connector class", OK, f"{path}.{cls} imports")
 
@@ -117,11 +124,14 @@ def _vllm(flags: dict, chunk_size: int) -> Iterator[Check]:
             path = cfg.get("kv_connector_module_path")
             if path:
                 yield from _module_check(path, cfg.get("kv_connector"))
-            if str(path or cfg.get("kv_connector", "")).lower().find("lmcache") >= 0 and \
-                    "--disable-hybrid-kv-cache-manager" not in flags:
-                yield Check("hybrid KV cache manager", WARN, "on: a model mixing attention types (sliding window, Mamba) "
-                            "gets a hybrid KV cache that a non-HMA connector cannot serve",
-                            "add --disable-hybrid-kv-cache-manager for such models")
+            if "lmcache" in str(path or cfg.get("kv_connector", "")).lower():
+                if "--no-disable-hybrid-kv-cache-manager" in flags:
+                    yield Check("hybrid KV cache manager", WARN, "forced on: a model with sliding-window or Mamba layers "
+                                "gets several KV cache groups, which the lmcache connector refuses at startup",
+                                "drop --no-disable-hybrid-kv-cache-manager (vLLM then turns it off for this connector)")
+                else:
+                    yield Check("hybrid KV cache manager", OK, "vLLM turns it off for this connector (sliding-window "
+                                "layers get full-attention KV; Mamba-hybrid models are not supported)")
     block = flags.get("--block-size")
     if block is not None:
         yield from _alignment("--block-size", block, chunk_size)

@@ -75,6 +75,8 @@ def engines() -> Iterator[Check]:
         elif module not in served:
             yield Check(f"engine {dist}", WARN, f"{dist} {version} installed; this lmcache release has no {dist} adapter yet",
                         "use an lmcache release with that adapter, or the engine without lmcache")
+        else:
+            yield Check(f"engine {dist}", OK, f"{dist} {version} installed (adapter below)")
     for name, spec in sorted(reg.adapters.items()):
         yield from _adapter(name, spec)
 
