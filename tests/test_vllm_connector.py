@@ -155,3 +155,125 @@ def test_chunk_lost_between_lookup_and_load(model_dir, policy):
     else:
         b.run(check=False)
         b.assert_no_leaks()  # vLLM failed the request; nothing leaked
+
+
+@pytest.fixture
+def server():
+    from lmcache.server.launch import ChildServer
+
+    s = ChildServer(CS, 0.1)
+    yield s
+    s.stop()
+
+
+def test_mp_mode_with_tensor_parallel_shards(model_dir, server):
+    cfg = extra(mode="mp", server_url=server.url)
+    a = CpuVllm(vllm_config(model_dir, cfg, tp=2))
+    assert [w.head_start for w in a.workers] == [0, 1]  # each rank holds one of the 2 KV heads
+    a.add("A", prompt(200))
+    a.run()
+    assert [w.connector._worker.stats.saved_chunks for w in a.workers] == [6, 6]
+    b = CpuVllm(vllm_config(model_dir, cfg, tp=2))
+    b.add("B", prompt(200))
+    assert b.step().output.scheduled_new_reqs[0].num_computed_tokens == 192
+    b.run()  # both shards loaded, bit-exact
+    # a TP=1 engine (all heads) must not mistake the two half-shards for its full chunks
+    c = CpuVllm(vllm_config(model_dir, extra(mode="mp", server_url=server.url)))
+    c.add("C", prompt(200))
+    assert c.step().output.scheduled_new_reqs[0].num_computed_tokens == 0
+    c.run()
+
+
+def test_stock_kv_offloading_backend_flag_uses_this_package(model_dir, server, monkeypatch):
+    from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector import LMCacheMPConnector
+
+    from lmcache.integration.vllm.lmcache_mp_connector import LMCacheMPConnector as Ours
+
+    assert LMCacheMPConnector is Ours  # vLLM preferred the class this package ships
+    host, port = server.url.rsplit(":", 1)
+    cfg = vllm_config(model_dir, {"lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.chunk_size": CS},
+                      connector="LMCacheMPConnector", module=None)
+    a = CpuVllm(cfg)
+    assert isinstance(a.scheduler.connector, Ours) and a.scheduler.connector.config.mode == "mp"
+    a.add("A", prompt(100))
+    a.run()
+    b = CpuVllm(vllm_config(model_dir, extra(mode="mp", server_url=server.url)))  # the other flag style, same pool
+    b.add("B", prompt(100))
+    assert b.step().output.scheduled_new_reqs[0].num_computed_tokens == 96
+    b.run()
+
+
+def test_mla_cache_round_trips(model_dir):
+    a = CpuVllm(vllm_config(model_dir, extra()), mla=True)
+    assert a.workers[0].connector.view.geometry.kind == "mla"
+    a.add("A", prompt(100))
+    a.run()
+    b = CpuVllm(vllm_config(model_dir, extra()), mla=True, layout="BLNHC")
+    b.add("B", prompt(100))
+    assert b.step().output.scheduled_new_reqs[0].num_computed_tokens == 96
+    b.run()
+
+
+def test_kv_events_reach_vllms_event_publisher(model_dir):
+    from vllm.distributed.kv_events import BlockStored, EventPublisher
+
+    class Recorder(EventPublisher):  # where vLLM hands its KV event batches (the ZMQ publisher's place)
+        def __init__(self):
+            super().__init__(0)
+            self.batches = []
+
+        def publish(self, events):
+            self.batches.append(events)
+
+        def shutdown(self):
+            pass
+
+    a = CpuVllm(vllm_config(model_dir, extra(), events=True))
+    a.scheduler.kv_event_publisher = recorder = Recorder()
+    req = a.add("A", prompt(200))
+    a.run()
+    events = [e for b in recorder.batches for e in b.events]
+    cpu = [e for e in events if isinstance(e, BlockStored) and e.medium == "CPU"]
+    assert len(cpu) == 6  # one event per stored chunk, next to vLLM's own GPU-medium events
+    assert any(isinstance(e, BlockStored) and e.medium == "GPU" for e in events)
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+    ext = [maybe_convert_block_hash(h) for h in req.block_hashes]  # vLLM's own block hashes, as vLLM publishes them
+    assert [h for e in cpu for h in e.block_hashes] == ext[:12]
+    assert cpu[1].parent_block_hash == ext[1] and cpu[0].parent_block_hash is None
+    assert cpu[0].token_ids == prompt(200)[:CS] and cpu[0].block_size == 16
+
+
+ENGINE_PROCESS = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from vllmutil import CpuVllm, vllm_config
+extra = {extra!r}
+e = CpuVllm(vllm_config({model_dir!r}, extra))
+e.add("R", {prompt!r})
+first = e.step()
+e.run()
+e.close()  # flushes the write-back to the remote tier
+print(json.dumps({{"computed": first.output.scheduled_new_reqs[0].num_computed_tokens,
+                  "saved": e.workers[0].connector._worker.stats.saved_chunks}}))
+"""
+
+
+def test_two_vllm_processes_share_chunks_through_redis(model_dir, redis_server):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cfg = extra(remote_url=redis_server.url)
+
+    def engine_process(p):
+        code = ENGINE_PROCESS.format(tests=os.path.dirname(__file__), extra=cfg, model_dir=model_dir, prompt=p)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    first = engine_process(prompt(200))
+    assert first == {"computed": 0, "saved": 6}
+    second = engine_process(prompt(200))  # another process: its CPU tier is empty, Redis has the chunks
+    assert second == {"computed": 192, "saved": 0}  # and every loaded byte was checked in that process

@@ -80,7 +80,10 @@ def vllm_config(model_dir: str, extra: dict, *, block_size=16, tp=1, policy="fai
                           kv_connector_extra_config=dict(extra), kv_load_failure_policy=policy)
     kwargs = {}
     if events:
-        kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="null")
+        # a real ZMQ publisher when given an endpoint (events is then that endpoint)
+        kwargs["kv_events_config"] = KVEventsConfig(
+            enable_kv_cache_events=True, publisher="zmq" if isinstance(events, str) else "null",
+            endpoint=events if isinstance(events, str) else "tcp://*:5557", topic="kv-events")
     return VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc, kv_transfer_config=kt,
                       device_config=DeviceConfig("cpu"), parallel_config=ParallelConfig(tensor_parallel_size=tp),
                       **kwargs)

@@ -17,6 +17,8 @@ from lmcache.core.geometry import KIND_MHA, KIND_MLA, KVGeometry, ModelIdentity
 # kv_connector_extra_config keys this connector reads (besides lmcache config keys, see config_from)
 EXTRA_CONFIG_FILE = "lmcache.config_file"
 EXTRA_PREFIX = "lmcache."
+#: keys of vLLM's stock LMCacheMPConnector (``lmcache.mp.host``/``port``; its timeouts are accepted and unused)
+STOCK_MP_PREFIX = "lmcache.mp."
 
 # vLLM KV cache specs the connector can store: plain full attention and MLA. Everything else needs
 # the hybrid KV cache manager's per-group handling, which this connector does not claim (no SupportsHMA).
@@ -65,9 +67,14 @@ def config_from(vllm_config: Any, env: dict | None = None) -> LMCacheConfig:
     keys = config_keys()
     overrides = {}
     for name, value in extra.items():
-        if not name.startswith(EXTRA_PREFIX) or name == EXTRA_CONFIG_FILE:
+        if not name.startswith(EXTRA_PREFIX) or name == EXTRA_CONFIG_FILE or name.startswith(STOCK_MP_PREFIX):
             continue
         overrides[name[len(EXTRA_PREFIX):]] = value
+    if STOCK_MP_PREFIX + "host" in extra or STOCK_MP_PREFIX + "port" in extra:
+        # the stock LMCacheMPConnector's keys: host "tcp://localhost" and port 5555 unless given
+        host = str(extra.get(STOCK_MP_PREFIX + "host", "tcp://localhost"))
+        host = host if "://" in host else "tcp://" + host
+        overrides.setdefault("server_url", f"{host}:{extra.get(STOCK_MP_PREFIX + 'port', 5555)}")
     unknown = sorted(k for k in overrides if k not in keys)
     if unknown:
         raise UnsupportedModel(f"kv_connector_extra_config has 'lmcache.{unknown[0]}', which is not an lmcache config key: "

@@ -1,0 +1,1 @@
+"""Compatibility names for vLLM's stock ``--kv-offloading-backend lmcache`` flag (see vllm/)."""
