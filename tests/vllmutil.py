@@ -117,7 +117,7 @@ class StepResult:
 class CpuVllm:
     """One vLLM instance: scheduler + one worker connector per TP rank, KV in vLLM's own views."""
 
-    def __init__(self, config: VllmConfig, num_blocks=256, layout="LBNHC", mla=False, kv_fn=None):
+    def __init__(self, config: VllmConfig, num_blocks=256, layout="LBNHC", mla=False, kv_fn=None, dtype=torch.float16):
         self.config = config
         mc = config.model_config
         self.bs = config.cache_config.block_size
@@ -125,13 +125,13 @@ class CpuVllm:
         self.names = [f"model.layers.{i}.self_attn.attn" for i in range(self.num_layers)]
         tp = config.parallel_config.tensor_parallel_size
         if mla:
-            spec = MLAAttentionSpec(block_size=self.bs, num_kv_heads=1, head_size=40, dtype=torch.float16)
+            spec = MLAAttentionSpec(block_size=self.bs, num_kv_heads=1, head_size=40, dtype=dtype)
             self.total_heads, self.row = 1, 40
         else:
             self.total_heads = mc.get_total_num_kv_heads()
             hd = mc.get_head_size()
             spec = FullAttentionSpec(block_size=self.bs, num_kv_heads=max(1, self.total_heads // tp), head_size=hd,
-                                     dtype=torch.float16)
+                                     dtype=dtype)
             self.row = 2 * hd
         self.spec = spec
         #: kv_fn(tokens, positions) -> [tokens, layers, all heads, row]: the "model"
@@ -197,7 +197,8 @@ class CpuVllm:
         for w in self.workers:
             got = self.read(w, slots)
             want = self.expected(w, tokens, torch.arange(n))
-            bad = (got.view(torch.int16) != want.view(torch.int16)).reshape(n, -1).any(dim=1).nonzero().flatten()
+            bits = torch.int16 if got.element_size() == 2 else torch.int32
+            bad = (got.view(bits) != want.view(bits)).reshape(n, -1).any(dim=1).nonzero().flatten()
             assert bad.numel() == 0, f"{req_id}: wrong KV at positions {bad[:8].tolist()} (of {n})"
 
     # -- one engine step -------------------------------------------------------------------------------

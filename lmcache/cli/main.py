@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=cmd_config_keys)
 
     bench.add_parsers(sub)
-    from lmcache.cli import doctor, server
+    from lmcache.cli import doctor, launch_flags, server
 
     doctor.add_parser(sub)
+    launch_flags.add_parser(sub)
     server.add_parser(sub)
     return parser
 

@@ -107,8 +107,9 @@ class EngineAdapterSpec:
     #: the engine's Python distribution (e.g. "vllm"); imported only when the adapter is used
     engine_package: str
     doc: str = ""
-    #: launch_flags(config, model) -> the engine's command line that enables lmcache
-    launch_flags: Callable[["LMCacheConfig", str], str] | None = None
+    #: launch_flags(config, model, options) -> [(label, command line), ...] that enable lmcache; options
+    #: holds "config_path" (the file the config came from, or None) and "engine" (for multi-engine frontends)
+    launch_flags: Callable[["LMCacheConfig", str, dict], list[tuple[str, str]]] | None = None
     #: check() -> list of (status "ok"|"warn"|"fail", what was found, one-line fix)
     check: Callable[[], list[tuple[str, str, str]]] | None = None
     #: engine base classes the adapter implements (checked for drift by ``lmcache doctor``)

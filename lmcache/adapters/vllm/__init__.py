@@ -30,13 +30,13 @@ def __getattr__(name: str):
 
 @hookimpl
 def lmcache_engine_adapters() -> list[EngineAdapterSpec]:
-    from lmcache.adapters.vllm.flags import vllm_command
+    from lmcache.adapters.vllm.flags import launch_lines
 
     return [EngineAdapterSpec(
         name="vllm",
         engine_package="vllm",
         doc="KV connector for vLLM 0.33 (KVConnectorBase_V1), in-process or against 'lmcache server'",
-        launch_flags=vllm_command,
+        launch_flags=launch_lines,
         interfaces=(InterfaceSpec("vllm.distributed.kv_transfer.kv_connector.v1.base:KVConnectorBase_V1",
                                   "lmcache.adapters.vllm.connector:LMCacheConnector"),),
         supported_versions=SUPPORTED_VERSIONS,

@@ -26,7 +26,10 @@ def extra_config(config: LMCacheConfig, config_path: str | None = None) -> dict:
 
 
 def kv_transfer_config(config: LMCacheConfig, config_path: str | None = None) -> dict:
-    cfg = {"kv_connector": "LMCacheConnector", "kv_connector_module_path": "lmcache.adapters.vllm", "kv_role": "kv_both"}
+    # recompute: a chunk evicted between the scheduler's lookup and the worker's load costs a recompute of
+    # those blocks instead of failing the request (vLLM's default policy is "fail")
+    cfg = {"kv_connector": "LMCacheConnector", "kv_connector_module_path": "lmcache.adapters.vllm", "kv_role": "kv_both",
+           "kv_load_failure_policy": "recompute"}
     extra = extra_config(config, config_path)
     if extra:
         cfg["kv_connector_extra_config"] = extra
@@ -47,3 +50,20 @@ def vllm_args(config: LMCacheConfig, config_path: str | None = None, block_size:
 
 def vllm_command(config: LMCacheConfig, model: str, config_path: str | None = None, block_size: int | None = None) -> str:
     return shlex.join(["vllm", "serve", model, *vllm_args(config, config_path, block_size)])
+
+
+def launch_lines(config: LMCacheConfig, model: str, options: dict) -> list[tuple[str, str]]:
+    """The adapter's launch_flags hook: the connector line, and in mp mode the server to start first."""
+    lines = []
+    if config.mode == "mp":
+        port = config.server_url.rsplit(":", 1)[-1]
+        server = ["lmcache", "server", "--port", port, "--chunk-size", str(config.chunk_size)]
+        if options.get("config_path"):
+            server += ["--config", str(options["config_path"])]
+        lines.append(("start the cache server first (mp mode)", shlex.join(server)))
+    lines.append(("vLLM with the lmcache connector", vllm_command(config, model, options.get("config_path"))))
+    if config.mode == "mp" and config.server_url.endswith(":5555"):
+        lines.append(("or vLLM's stock flag (mp mode, server at port 5555)",
+                      shlex.join(["vllm", "serve", model, "--kv-offloading-backend", "lmcache",
+                                  "--kv-offloading-size", "1"])))
+    return lines
