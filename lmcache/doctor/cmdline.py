@@ -74,7 +74,7 @@ def _module_check(path: str, cls: str | None) -> Iterator[Check]:
     if cls:
         module = importlib.import_module(path)
         try:
-            found = hasattr(module, cls)
+            found = cls in getattr(module, "LAZY_NAMES", ()) or hasattr(module, cls)
         except ImportError as e:  # the class needs its engine, which this environment lacks
             yield Check("connector class", WARN, f"{path}.{cls} cannot load here: {e}",
                         "run lmcache doctor where the engine is installed")

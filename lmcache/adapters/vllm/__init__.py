@@ -20,8 +20,12 @@ CONNECTOR_MODULE = "lmcache.adapters.vllm"
 SUPPORTED_VERSIONS = "==0.33.*"
 
 
+#: classes loaded on first access (they import vLLM); tools may check names here without importing it
+LAZY_NAMES = ("LMCacheConnector", "LMCacheConnectorMetadata")
+
+
 def __getattr__(name: str):
-    if name in ("LMCacheConnector", "LMCacheConnectorMetadata"):
+    if name in LAZY_NAMES:
         from lmcache.adapters.vllm import connector
 
         return getattr(connector, name)
