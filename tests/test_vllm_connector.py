@@ -244,6 +244,50 @@ def test_kv_events_reach_vllms_event_publisher(model_dir):
     assert cpu[0].token_ids == prompt(200)[:CS] and cpu[0].block_size == 16
 
 
+class _Recorder:
+    @staticmethod
+    def attach(engine):
+        from vllm.distributed.kv_events import EventPublisher
+
+        class Recorder(EventPublisher):
+            def __init__(self):
+                super().__init__(0)
+                self.batches = []
+
+            def publish(self, events):
+                self.batches.append(events)
+
+            def shutdown(self):
+                pass
+
+        engine.scheduler.kv_event_publisher = r = Recorder()
+        return r
+
+
+def test_cpu_evictions_are_announced_with_the_move_to_disk(model_dir, tmp_path):
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+    # 8 KiB chunks in a ~100 KiB pool: the third prompt pushes the first one's chunks to disk
+    a = CpuVllm(vllm_config(model_dir, extra(max_cpu_size_gb=0.0001, local_disk_path=str(tmp_path / "disk")),
+                            events=True))
+    rec = _Recorder.attach(a)
+    first = a.add("A", prompt(200, seed=1))
+    a.add("B", prompt(200, seed=2))
+    a.add("C", prompt(200, seed=3))
+    a.run()
+    events = [e for b in rec.batches for e in b.events]
+    a_hashes = {maybe_convert_block_hash(h) for h in first.block_hashes[:12]}
+    removed = {h for e in events if isinstance(e, BlockRemoved) and e.medium == "CPU" for h in e.block_hashes}
+    on_disk = {h for e in events if isinstance(e, BlockStored) and e.medium == "STORAGE" for h in e.block_hashes}
+    assert removed & a_hashes and removed <= on_disk  # every eviction went to disk, and said so
+    # and the chunks announced on disk really load: a fresh engine gets A's prompt from the disk tier
+    b = CpuVllm(vllm_config(model_dir, extra(max_cpu_size_gb=0.0001, local_disk_path=str(tmp_path / "disk"))))
+    b.add("A2", prompt(200, seed=1))
+    assert b.step().output.scheduled_new_reqs[0].num_computed_tokens == 192
+    b.run()
+
+
 ENGINE_PROCESS = """
 import json, sys
 sys.path.insert(0, {tests!r})
@@ -277,3 +321,29 @@ def test_two_vllm_processes_share_chunks_through_redis(model_dir, redis_server):
     assert first == {"computed": 0, "saved": 6}
     second = engine_process(prompt(200))  # another process: its CPU tier is empty, Redis has the chunks
     assert second == {"computed": 192, "saved": 0}  # and every loaded byte was checked in that process
+
+
+def test_hybrid_kv_cache_groups_are_refused_with_the_flag_to_add(model_dir):
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+
+    from lmcache.adapters.vllm.model import UnsupportedModel
+
+    kw = dict(block_size=16, num_kv_heads=2, head_size=16, dtype=torch.float16)
+    groups = [KVCacheGroupSpec(["model.layers.0.self_attn.attn"], FullAttentionSpec(**kw)),
+              KVCacheGroupSpec(["model.layers.1.self_attn.attn"], SlidingWindowSpec(**kw, sliding_window=64))]
+    cfg = vllm_config(model_dir, extra())
+    with pytest.raises(UnsupportedModel, match="--disable-hybrid-kv-cache-manager"):
+        KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=groups))
+
+
+def test_chunk_size_not_a_multiple_of_the_block_size_is_refused(model_dir):
+    with pytest.raises(ValueError, match="chunk_size 40 is not a multiple of vLLM's block size 16"):
+        CpuVllm(vllm_config(model_dir, {"lmcache.chunk_size": 40}))
+
+
+def test_unknown_lmcache_key_in_extra_config_is_named(model_dir):
+    with pytest.raises(ValueError, match="lmcache.chunk_sise"):
+        CpuVllm(vllm_config(model_dir, {"lmcache.chunk_sise": 32}))

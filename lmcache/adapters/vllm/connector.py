@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable
 
-from vllm.distributed.kv_events import BlockStored, KVConnectorKVEvents, KVEventAggregator
+from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVConnectorKVEvents, KVEventAggregator
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -26,7 +26,8 @@ from lmcache.core.engine import CacheEngine
 from lmcache.core.shared import find_engine
 
 log = logging.getLogger("lmcache")
-MEDIUM_CPU = "CPU"
+# vLLM's medium names (vllm.distributed.kv_events.MEDIUM_*): the CPU tier is "CPU", the disk tier "STORAGE"
+MEDIUM = {"cpu": "CPU", "disk": "STORAGE"}
 
 
 class LMCacheConnectorMetadata(KVConnectorMetadata):
@@ -173,19 +174,23 @@ class LMCacheConnector(KVConnectorBase_V1):
         stored = self._worker.take_stored() if self._worker else []
         if not stored:
             return None
-        events = LMCacheKVEvents(num_workers=1)
-        events.add_events([
-            BlockStored(
-                block_hashes=[maybe_convert_block_hash(h) for h in s.block_hashes],
+        out = []
+        for s in stored:
+            hashes = [maybe_convert_block_hash(h) for h in s.block_hashes]
+            if s.medium is None:
+                out.append(BlockRemoved(block_hashes=hashes, medium=MEDIUM["cpu"]))
+                continue
+            out.append(BlockStored(
+                block_hashes=hashes,
                 parent_block_hash=maybe_convert_block_hash(s.parent_hash) if s.parent_hash else None,
                 token_ids=s.token_ids,
                 block_size=self.view.block_size,
                 lora_id=None,
-                medium=MEDIUM_CPU,
+                medium=MEDIUM[s.medium],
                 lora_name=None,
-            )
-            for s in stored
-        ])
+            ))
+        events = LMCacheKVEvents(num_workers=1)
+        events.add_events(out)
         return events
 
     def _plans(self) -> list[RequestPlan]:

@@ -9,6 +9,8 @@ while a save still reads it. A failed or short load reports the blocks it could 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from lmcache.core.layouts import BlockPagedKV, LayoutError
 from lmcache.core.shared import get_engine
 
 log = logging.getLogger("lmcache")
+MAX_ANNOUNCED = 1 << 20
 
 
 @dataclass
@@ -30,6 +33,8 @@ class StoredChunk:
     block_hashes: list[bytes]
     parent_hash: bytes | None
     token_ids: list[int]
+    #: "cpu" when stored; "disk" when the CPU tier moved it there; None when it left the cache
+    medium: str | None = "cpu"
 
 
 @dataclass
@@ -54,6 +59,10 @@ class WorkerSide:
         self.stats = WorkerStats()
         self._load_errors: set[int] = set()
         self._stored: list[StoredChunk] = []
+        # chunks this worker announced, so an eviction can be announced in vLLM's terms too (bounded: the
+        # oldest announcements are forgotten first, and their evictions go unannounced)
+        self._announced: OrderedDict[bytes, StoredChunk] = OrderedDict()
+        self._events_lock = threading.Lock()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.view.layer_names if n not in kv_caches]
@@ -65,6 +74,9 @@ class WorkerSide:
         kv.check(self.view.geometry)  # one clear error now instead of one per step
         self.kv = kv
         self.engine = get_engine(self.config, self.view.identity, self.head_range, layers[0].device)
+        listeners = getattr(self.engine.stack, "eviction_listeners", None)
+        if listeners is not None and self.view.kv_events:
+            listeners.append(self._on_evict)
 
     # -- per step -----------------------------------------------------------------------------------
 
@@ -111,7 +123,12 @@ class WorkerSide:
             else:
                 stored = list(range(plan.save_first, plan.save_end))  # the saver rank stores these heads
             if plan.block_hashes:
-                self._stored.extend(self._events_for(plan, stored))
+                with self._events_lock:
+                    for chunk_index, event in zip(stored, self._events_for(plan, stored)):
+                        self._stored.append(event)
+                        self._announced[plan.chunk_keys[chunk_index]] = event
+                        while len(self._announced) > MAX_ANNOUNCED:
+                            self._announced.popitem(last=False)
 
     def _events_for(self, plan: RequestPlan, chunk_indices: list[int]) -> list[StoredChunk]:
         cs, bs = self.config.chunk_size, self.view.block_size
@@ -123,6 +140,15 @@ class WorkerSide:
             parent = plan.block_hashes[j * per - 1] if j > 0 else plan.parent_hash
             out.append(StoredChunk(hashes, parent, plan.save_token_ids[j * cs : (j + 1) * cs]))
         return out
+
+    def _on_evict(self, okey, where: str | None) -> None:
+        # runs in whichever thread made room in the CPU tier
+        with self._events_lock:
+            event = self._announced.pop(okey.chunk, None)
+            if event is not None:
+                self._stored.append(StoredChunk(event.block_hashes, event.parent_hash, event.token_ids, medium=None))
+                if where == "disk":
+                    self._stored.append(StoredChunk(event.block_hashes, event.parent_hash, event.token_ids, "disk"))
 
     def _engine(self) -> CacheEngine:
         if self.engine is None:
@@ -136,5 +162,7 @@ class WorkerSide:
         return errors
 
     def take_stored(self) -> list[StoredChunk]:
-        stored, self._stored = self._stored, []
+        """Chunk events since the last call, in order: stored (cpu), evicted from cpu (None), on disk."""
+        with self._events_lock:
+            stored, self._stored = self._stored, []
         return stored

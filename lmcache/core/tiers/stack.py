@@ -29,6 +29,9 @@ class TierStack:
     def __init__(self, config: LMCacheConfig, buffer: torch.Tensor, pinned: bool, registry: Registry) -> None:
         self.config = config
         self.cpu = CpuTier(HostMemoryPool(buffer.numel(), pinned, buffer=buffer), on_evict=self._demote)
+        #: listener(key, "disk" or None) when a chunk leaves the CPU tier (None: it left the machine's tiers
+        #: too, as far as this process knows); adapters turn these into their engine's KV events
+        self.eviction_listeners: list = []
         #: problems met while opening tiers (a tier that cannot work is left out, never fatal)
         self.tier_problems: list[str] = []
         self.disk = self._open_disk(config)
@@ -65,8 +68,11 @@ class TierStack:
 
     def _demote(self, entry: CpuEntry) -> None:
         """A chunk leaving the CPU tier goes to disk unless it is there or on its way already."""
-        if self.disk is not None and not self.disk.contains(entry.key):
-            self.writeback["disk"].offer(entry)
+        to_disk = self.disk is not None
+        if to_disk and not self.disk.contains(entry.key):
+            to_disk = self.writeback["disk"].offer(entry)
+        for listener in list(self.eviction_listeners):
+            listener(entry.key, "disk" if to_disk else None)
 
     def _from_lower(self, okey: ObjectKey, promote: bool) -> CpuEntry | None:
         """Load a chunk from the first lower tier holding it; the entry comes back acquired."""
