@@ -2,12 +2,14 @@
 
 A prompt is cut into chunks of ``chunk_size`` tokens. Full chunk i gets the key
 
-    key_i = blake3(key_{i-1} || tokens[i*cs:(i+1)*cs] as little-endian uint32)[:16]
-    key_-1 = blake3("lmcache-chunk-key-v1" || model fingerprint || chunk_size || salt)[:16]
+    d_i   = sha256(d_{i-1} || tokens[i*cs:(i+1)*cs] as little-endian uint32)   (d_-1 = empty)
+    key_i = blake3(root || d_i)[:16]
+    root  = blake3("lmcache-chunk-key-v1" || model fingerprint || chunk_size || salt)[:16]
 
 so a key names the chunk *and everything before it* (prefix semantics), within one model identity and
-one salt (namespace). Keys depend only on tokens, model, chunk size and salt: not on the engine, its
-page size, its KV layout or its tensor-parallel size. blake3 is cryptographic, so a tenant cannot craft
+one salt (namespace). ``d_i`` is exactly SGLang's HiCache page hash with page size = chunk_size, so an
+SGLang storage backend, which is handed page hashes and no tokens, derives the same keys. Keys depend only on tokens, model, chunk size and salt: not on the engine, its
+page size, its KV layout or its tensor-parallel size. Both hashes are cryptographic, so a tenant cannot craft
 a prompt whose key collides with another prompt's and poison it.
 
 The trailing partial chunk is never stored and has no key. A later, longer prompt therefore reuses only
@@ -18,6 +20,7 @@ that could be mistaken for a longer one, so no wrong bytes can be loaded from a 
 from __future__ import annotations
 
 import array
+import hashlib
 import sys
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -90,12 +93,19 @@ class ChunkHasher:
         """Keys of the full chunks, lazily: a lookup that stops at the first miss hashes no further."""
         data = token_bytes(tokens)
         step = self.chunk_size * 4
-        prev = self.root
+        prev = b""
         for start in range(0, len(data) - step + 1, step):
-            h = blake3.blake3(prev)
-            h.update(data[start : start + step])
-            prev = h.digest(KEY_BYTES)
-            yield prev
+            prev = hashlib.sha256(prev + data[start : start + step]).digest()
+            yield self.key_of_digest(prev)
+
+    def key_of_digest(self, page_digest: bytes) -> bytes:
+        """The chunk key for a prefix whose SGLang-style page digest (page size = chunk_size) is given.
+
+        The prefix chain is SGLang's own page hash (sha256 over the previous digest and the page's tokens
+        as little-endian uint32), so an SGLang storage backend, which sees only those page hashes, derives
+        the same keys as an engine that sees tokens. The model/chunk-size/salt scope comes on top.
+        """
+        return blake3.blake3(self.root + page_digest).digest(KEY_BYTES)
 
     def keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> list[bytes]:
         return list(self.iter_keys(tokens))

@@ -1,0 +1,93 @@
+"""The SGLang HiCache backend through SGLang's own factory, config and page hashes; bytes checked exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglangutil import HostPool, batch_exists, make_backend, page_keys  # noqa: E402  (skips without sglang)
+
+from lmcache.core import shared
+
+PS = 32
+
+
+@pytest.fixture(autouse=True)
+def fresh_pool():
+    shared.close_all()
+    yield
+    shared.close_all()
+
+
+def extra(**kw):
+    return {"lmcache.chunk_size": PS, "lmcache.max_cpu_size_gb": 0.05, **{f"lmcache.{k}": v for k, v in kw.items()}}
+
+
+def tokens(n, seed=1):
+    return [(seed * 131 + i * 17) % 997 + 3 for i in range(n)]
+
+
+def kv_of(tokens_, positions, layers, heads, row):
+    from vllmutil import expected_kv  # the same stand-in model the vLLM tests use
+
+    return expected_kv(torch.as_tensor(tokens_), torch.as_tensor(positions), layers, heads, row)
+
+
+def fill(pool: HostPool, toks, host_start):
+    row = pool.head_dim * (1 if pool.mla else 2)
+    kv = kv_of(toks, range(len(toks)), pool.layer_num, pool.head_num, row)
+    for i in range(len(toks)):
+        pool.set_token_kv(host_start + i, kv[i])
+    return kv
+
+
+def read(pool: HostPool, host_start, n):
+    return torch.stack([pool.token_kv(host_start + i) for i in range(n)])
+
+
+@pytest.mark.parametrize("mla", [False, True])
+@pytest.mark.parametrize("layout", ["layer_first", "page_first", "page_first_direct"])
+def test_v1_round_trip_every_host_layout(layout, mla):
+    pool = HostPool(layout, PS, pages=16, layers=2, heads=2, head_dim=16, mla=mla)
+    backend = make_backend(extra(), pool)
+    toks = tokens(160)  # 5 pages
+    keys = page_keys(toks, PS)
+    want = fill(pool, toks, host_start=2 * PS)
+    assert batch_exists(backend, keys) == 0
+    assert backend.batch_set_v1(keys, torch.arange(2 * PS, 7 * PS)) == [True] * 5
+    assert batch_exists(backend, keys) == 5
+    assert batch_exists(backend, page_keys(tokens(160, seed=2), PS)) == 0
+    got = backend.batch_get_v1(keys, torch.arange(9 * PS, 14 * PS))  # into other host pages
+    assert got == [True] * 5
+    assert torch.equal(read(pool, 9 * PS, 160).view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("layout", ["layer_first", "page_first", "page_first_direct"])
+def test_legacy_flat_page_path(layout):
+    pool = HostPool(layout, PS, pages=8, layers=2, heads=2, head_dim=16)
+    backend = make_backend(extra(), pool)
+    toks = tokens(64)
+    keys = page_keys(toks, PS)
+    want = fill(pool, toks, host_start=0)
+    # as SGLang's controller writes without zero copy: flat data pages of its host pool
+    assert backend.batch_set(keys, [pool.get_data_page(i * PS) for i in range(2)])
+    assert backend.exists(keys[1]) and not backend.exists(page_keys(tokens(64, 9), PS)[0])
+    pages = backend.batch_get(keys, [pool.get_dummy_flat_data_page() for _ in keys])
+    for i, page in enumerate(pages):
+        pool.set_from_flat_data_page((4 + i) * PS, page)
+    assert torch.equal(read(pool, 4 * PS, 64).view(torch.int16), want.view(torch.int16))
+
+
+def test_page_size_must_equal_chunk_size():
+    pool = HostPool("layer_first", 64, pages=4, layers=2, heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="--page-size 64 differs from lmcache chunk_size 32"):
+        make_backend(extra(), pool)
+
+
+def test_keys_are_lmcache_keys_of_the_same_tokens():
+    from lmcache.core.keys import ChunkHasher
+
+    pool = HostPool("layer_first", PS, pages=4, layers=2, heads=2, head_dim=16)
+    backend = make_backend(extra(), pool)
+    toks = tokens(100)
+    assert backend._keys(page_keys(toks, PS)) == ChunkHasher(backend.engine.identity, PS).keys(toks)
