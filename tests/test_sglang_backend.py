@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglangutil import HostPool, batch_exists, make_backend, page_keys  # noqa: E402  (skips without sglang)
+from sglangutil import HostPool, StorageBackendFactory, batch_exists, make_backend, page_keys  # noqa: E402,F401
 
 from lmcache.core import shared
 
@@ -91,3 +91,31 @@ def test_keys_are_lmcache_keys_of_the_same_tokens():
     backend = make_backend(extra(), pool)
     toks = tokens(100)
     assert backend._keys(page_keys(toks, PS)) == ChunkHasher(backend.engine.identity, PS).keys(toks)
+
+
+def test_printed_sglang_line_is_accepted_by_sglang_and_loads_this_backend(tmp_path):
+    import argparse
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    from sglang.srt.server_args import ServerArgs
+
+    from sglangutil import storage_config
+
+    r = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "launch-flags", "sglang", "--model", "m", "--set",
+                        "chunk_size=32", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout)["commands"][-1]["command"]
+    argv = shlex.split(line)
+    assert argv[:3] == ["python", "-m", "sglang.launch_server"]
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    args = ServerArgs.from_cli_args(parser.parse_args(argv[3:]))
+    assert args.page_size == 32 and args.enable_hierarchical_cache and args.hicache_storage_backend == "dynamic"
+    extra = json.loads(args.hicache_storage_backend_extra_config)
+    pool = HostPool("layer_first", 32, pages=4, layers=2, heads=2, head_dim=16)
+    backend = StorageBackendFactory.create_backend("dynamic", storage_config(extra), pool)
+    backend.register_mem_pool_host(pool)
+    assert type(backend).__name__ == "LMCacheHiCacheStorage" and backend.config.chunk_size == 32

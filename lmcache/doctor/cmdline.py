@@ -14,7 +14,7 @@ from lmcache.doctor.report import FAIL, OK, WARN, Check
 
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
 # module paths users type for lmcache connectors (ours and the peer's habits)
-KNOWN_MODULES = ("lmcache.adapters.vllm", "lmcache.integration.vllm.lmcache_mp_connector", "lmcache.adapters.sglang")
+KNOWN_MODULES = ("lmcache.adapters.vllm", "lmcache.integration.vllm.lmcache_mp_connector", "lmcache.adapters.sglang.backend")
 
 
 def _flags(argv: list[str]) -> dict[str, str | None]:
@@ -163,8 +163,21 @@ def _sglang(flags: dict, chunk_size: int) -> Iterator[Check]:
             if extra.get("module_path"):
                 yield from _module_check(extra["module_path"], extra.get("class_name"))
     page = flags.get("--page-size")
-    if page is not None:
-        yield from _alignment("--page-size", page, chunk_size)
+    ours = "lmcache" in str(flags.get("--hicache-storage-backend-extra-config") or "")
+    if page is not None or ours:
+        yield from _page_equals_chunk(page, chunk_size)
+
+
+def _page_equals_chunk(value: str | None, chunk_size: int) -> Iterator[Check]:
+    # SGLang's page hashes are lmcache's chunk keys only when one page is one chunk
+    if value is None:
+        yield Check("--page-size", FAIL, "not given: SGLang's default page size is not lmcache's chunk_size",
+                    f"add --page-size {chunk_size}")
+    elif value != str(chunk_size):
+        yield Check("--page-size", FAIL, f"--page-size {value} differs from lmcache chunk_size {chunk_size}: SGLang pages "
+                    "cannot be lmcache chunks", f"use --page-size {chunk_size}, or set chunk_size to {value}")
+    else:
+        yield Check("--page-size", OK, f"{value} equals chunk_size")
 
 
 def _alignment(flag: str, value: str | None, chunk_size: int) -> Iterator[Check]:

@@ -20,7 +20,7 @@ class Check:
         return asdict(self)
 
 
-def run_all(config_path: str | None, overrides: dict, command: str | None) -> list[Check]:
+def run_all(config_path: str | None, overrides: dict, command: str | None, engines: bool = True) -> list[Check]:
     from lmcache.doctor import cmdline, environment, interfaces
 
     rows: list[Check] = []
@@ -29,8 +29,9 @@ def run_all(config_path: str | None, overrides: dict, command: str | None) -> li
         environment.accelerator,
         lambda: environment.config_and_tiers(config_path, overrides),
         environment.plugins,
-        interfaces.engines,
     ]
+    if engines:  # imports every installed engine to compare interfaces: seconds each (vLLM ~10 s here)
+        steps.append(interfaces.engines)
     if command:
         steps.append(lambda: cmdline.check_command(command, config_path, overrides))
     for step in steps:
