@@ -85,7 +85,6 @@ def test_sglang_stores_vllm_loads(model_dir, lmcache_extra, layout):
 def test_model_decodes_from_kv_vllm_stored_and_sglang_loaded(tmp_path):
     """A tiny transformers Llama (random weights): KV computed in vLLM's layout, loaded into SGLang's host
     layout, used as the model's cache: the logits equal a full recompute. Semantics, not only bytes."""
-    pytest.importorskip("transformers")
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     model_dir = write_model_dir(tmp_path / "llama")
