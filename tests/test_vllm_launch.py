@@ -59,3 +59,13 @@ def test_config_file_travels_by_path(tmp_path):
     out = launch_flags("vllm", "--config", str(cfg))
     extra = json.loads(shlex.split(out["commands"][0]["command"])[4])["kv_connector_extra_config"]
     assert extra == {"lmcache.config_file": str(cfg)}
+
+
+def test_dynamo_vllm_worker_line_carries_flags_vllm_accepts(tmp_path):
+    model = write_model_dir(tmp_path / "m")
+    out = launch_flags("dynamo", "--engine", "vllm", "--model", model, "--set", "chunk_size=32")
+    argv = shlex.split(out["commands"][-1]["command"])
+    assert argv[:5] == ["python", "-m", "dynamo.vllm", "--model", model]
+    # Dynamo's vLLM worker passes engine flags through to vLLM's own parser
+    vc = engine_config(shlex.join(["vllm", "serve", model, *argv[5:]]))
+    assert vc.kv_transfer_config.kv_connector_module_path == "lmcache.adapters.vllm"

@@ -17,7 +17,7 @@ log = logging.getLogger("lmcache")
 
 # Built-ins register through the same hooks as outside packages.
 BUILTIN_PLUGINS = ("lmcache.hardware.cpu", "lmcache.core.tiers.redis_tier", "lmcache.adapters.vllm",
-                   "lmcache.adapters.sglang")
+                   "lmcache.adapters.sglang", "lmcache.adapters.dynamo")
 ENTRY_POINT_GROUP = "lmcache"
 
 
