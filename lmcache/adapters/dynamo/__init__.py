@@ -19,15 +19,14 @@ hookimpl = pluggy.HookimplMarker("lmcache")
 def launch_lines(config, model: str, options: dict) -> list[tuple[str, str]]:
     import shlex
 
+    from lmcache.adapters.launch import server_line
     from lmcache.adapters.sglang.flags import sglang_args
     from lmcache.adapters.vllm.flags import vllm_args
 
     engine = options.get("engine") or "vllm"
     lines = []
     if config.mode == "mp":
-        lines.append(("start the cache server first (mp mode)",
-                      shlex.join(["lmcache", "server", "--port", config.server_url.rsplit(":", 1)[-1],
-                                  "--chunk-size", str(config.chunk_size)])))
+        lines.append(server_line(config, options.get("config_path")))
     if engine == "vllm":
         lines.append(("Dynamo vLLM worker with the lmcache connector",
                       shlex.join(["python", "-m", "dynamo.vllm", "--model", model,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 
+from lmcache.adapters.launch import server_line
 from lmcache.adapters.vllm.flags import extra_config
 from lmcache.core.config import LMCacheConfig
 
@@ -25,9 +26,7 @@ def sglang_args(config: LMCacheConfig, config_path: str | None = None) -> list[s
 def launch_lines(config: LMCacheConfig, model: str, options: dict) -> list[tuple[str, str]]:
     lines = []
     if config.mode == "mp":
-        lines.append(("start the cache server first (mp mode)",
-                      shlex.join(["lmcache", "server", "--port", config.server_url.rsplit(":", 1)[-1],
-                                  "--chunk-size", str(config.chunk_size)])))
+        lines.append(server_line(config, options.get("config_path")))
     lines.append(("SGLang with the lmcache HiCache backend",
                   shlex.join(["python", "-m", "sglang.launch_server", "--model-path", model,
                               *sglang_args(config, options.get("config_path"))])))

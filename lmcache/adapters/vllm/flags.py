@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 
+from lmcache.adapters.launch import server_line
 from lmcache.core.config import ConfigError, LMCacheConfig, config_keys
 
 #: vLLM's default KV block size; chunk_size must be a multiple of the block size actually used
@@ -56,11 +57,7 @@ def launch_lines(config: LMCacheConfig, model: str, options: dict) -> list[tuple
     """The adapter's launch_flags hook: the connector line, and in mp mode the server to start first."""
     lines = []
     if config.mode == "mp":
-        port = config.server_url.rsplit(":", 1)[-1]
-        server = ["lmcache", "server", "--port", port, "--chunk-size", str(config.chunk_size)]
-        if options.get("config_path"):
-            server += ["--config", str(options["config_path"])]
-        lines.append(("start the cache server first (mp mode)", shlex.join(server)))
+        lines.append(server_line(config, options.get("config_path")))
     lines.append(("vLLM with the lmcache connector", vllm_command(config, model, options.get("config_path"))))
     if config.mode == "mp" and config.server_url.endswith(":5555"):
         lines.append(("or vLLM's stock flag (mp mode, server at port 5555)",
