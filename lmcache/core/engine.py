@@ -195,28 +195,28 @@ class CacheEngine:
         """Load the cached prefix of ``tokens`` into ``slot_mapping``'s slots (-1: leave that token alone).
         Returns how many leading tokens now hold cached KV (a multiple of chunk_size)."""
         self._check(kv, tokens, slot_mapping)
-        keys = self.hasher(salt).iter_keys(tokens[: (len(slot_mapping) // self.chunk_size) * self.chunk_size])
+        keys = self.hasher(salt).keys(tokens[: (len(slot_mapping) // self.chunk_size) * self.chunk_size])
         return self.retrieve_chunks(keys, kv, slot_mapping)
 
-    def retrieve_chunks(self, chunk_keys: Iterable[bytes], kv: KVLayout, slot_mapping: torch.Tensor) -> int:
-        """Load the cached prefix of the chunks named by ``chunk_keys`` (see ``store_chunks``); returns
-        how many leading tokens were loaded. A chunk missing or corrupt in every tier ends the prefix."""
+    def retrieve_chunks(self, chunk_keys: Sequence[bytes], kv: KVLayout, slot_mapping: torch.Tensor, first: int = 0) -> int:
+        """Load the cached prefix of the chunks named by ``chunk_keys`` (see ``store_chunks``), starting at
+        chunk ``first`` (earlier chunks are not read: the caller holds them already). Returns the end, in
+        tokens, of what is now loaded; a chunk missing or corrupt in every tier ends it."""
         self._check(kv, None, slot_mapping)
         cs = self.chunk_size
-        n = len(slot_mapping) // cs
-        okeys = (self.object_key(k) for i, k in zip(range(n), chunk_keys))
-        entries = self.stack.acquire_prefix(okeys)
+        n = min(len(slot_mapping) // cs, len(chunk_keys))
+        entries = self.stack.acquire_prefix(self.object_key(chunk_keys[i]) for i in range(first, n))
         try:
             jobs = []
-            for i, entry in enumerate(entries):
-                slots = slot_mapping[i * cs : (i + 1) * cs]
-                jobs.append((plan_slots(kv, slots), entry.payload()))
+            for j, entry in enumerate(entries):
+                i = first + j
+                jobs.append((plan_slots(kv, slot_mapping[i * cs : (i + 1) * cs]), entry.payload()))
             self.backend.scatter(kv, [(p, c) for p, c in jobs if p.slots.numel()])
             self.backend.synchronize()
         finally:
             self.stack.release_many(entries)
         self.stats.retrieved_tokens += len(entries) * cs
-        return len(entries) * cs
+        return (first + len(entries)) * cs
 
     def lookup_chunks(self, chunk_keys: Iterable[bytes], head_ranges: Iterable[tuple[int, int]] | None = None) -> int:
         """How many leading chunks are cached for every head range given (default: this engine's).

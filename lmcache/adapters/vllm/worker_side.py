@@ -88,7 +88,9 @@ class WorkerSide:
             slots[: plan.load_start] = -1  # vLLM computed (or prefix-cached) those itself
             n = plan.load_end // self.config.chunk_size
             try:
-                loaded = self._engine().retrieve_chunks(plan.chunk_keys[:n], self.kv, slots)
+                # chunks wholly below load_start are vLLM's already: not read at all
+                loaded = self._engine().retrieve_chunks(plan.chunk_keys[:n], self.kv, slots,
+                                                        first=plan.load_start // self.config.chunk_size)
             except Exception as e:  # the engine must go on: report the blocks, vLLM recomputes them
                 log.error("lmcache: loading %s failed (%s: %s); its blocks are reported as load errors",
                           plan.req_id, type(e).__name__, e)
