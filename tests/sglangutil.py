@@ -4,14 +4,10 @@ classes need torchvision/tvm_ffi to import; their layout code is mirrored here, 
 
 from __future__ import annotations
 
-import pytest
 
-import importlib.util  # noqa: E402
+from engineutil import require_engine  # noqa: E402
 
-# skip only where the engine is absent; an engine that is installed but fails to import is a failure
-if importlib.util.find_spec("sglang") is None:
-    pytest.skip("sglang is not installed: .ci/run installs sglang==0.5.23 --no-deps", allow_module_level=True)
-import sglang  # noqa: E402,F401
+sglang = require_engine("sglang", ".ci/run installs sglang==0.5.23 --no-deps")
 
 import torch  # noqa: E402
 from sglang.srt.mem_cache.hicache_storage import STORAGE_BATCH_SIZE, HiCacheStorageConfig  # noqa: E402

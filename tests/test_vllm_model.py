@@ -7,7 +7,6 @@ recompute. This checks what K, V, heads and positions mean, not only that bytes 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from vllmutil import CpuVllm, vllm_config, write_model_dir  # noqa: E402  (skips when vllm is absent)

@@ -16,14 +16,10 @@ from dataclasses import dataclass, field
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import pytest
 
-import importlib.util  # noqa: E402
+from engineutil import require_engine  # noqa: E402
 
-# skip only where the engine is absent; an engine that is installed but fails to import is a failure
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vllm is not installed: .ci/run installs vllm==0.33.0 for these tests", allow_module_level=True)
-import vllm  # noqa: E402,F401
+vllm = require_engine("vllm", ".ci/run installs vllm==0.33.0 for these tests")
 
 import torch  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
