@@ -113,18 +113,20 @@ class LMCacheHiCacheStorage(HiCacheStorage):
             return [True] * len(keys)  # another rank holds the same (MLA) bytes and writes them
         ck = self._keys(keys)
         ps = self.page_size
+        dropped = 0
         try:
             if self.layout in host_layout.TOKEN_MAJOR:
-                self.engine.store_chunks(ck, self.kv, host_indices[: len(ck) * ps])
+                dropped = self.engine.store_chunks(ck, self.kv, host_indices[: len(ck) * ps]).dropped_chunks
             else:
                 for i, key in enumerate(ck):
                     page = int(host_indices[i * ps]) // ps
                     kv = host_layout.page_slots(self.mem_pool_host.kv_buffer, page, self.mla, self.head_range[0])
-                    self.engine.store_chunks([key], kv, torch.arange(ps))
+                    dropped += self.engine.store_chunks([key], kv, torch.arange(ps)).dropped_chunks
         except Exception as e:  # a lost write is a future miss; SGLang retries later
             log.error("lmcache: HiCache write of %d pages failed (%s: %s)", len(keys), type(e).__name__, e)
             return [False] * len(keys)
-        return self._present(ck)
+        # only a dropped write (no room) needs asking which pages made it: one lookup each
+        return self._present(ck) if dropped else [True] * len(ck)
 
     def _present(self, ck: list[bytes]) -> List[bool]:
         okeys = [self.engine.object_key(k) for k in ck]
@@ -156,8 +158,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         if not self.storage_config.is_storage_writer:
             return True
         ck = self._keys([key])
-        self.engine.store_chunks(ck, self._flat(value), torch.arange(self.page_size))
-        return self._present(ck)[0]
+        return not self.engine.store_chunks(ck, self._flat(value), torch.arange(self.page_size)).dropped_chunks
 
     def batch_set(self, keys: List[str], values: Any = None, target_locations: Any = None, target_sizes: Any = None) -> bool:
         return all(self.set(k, v) for k, v in zip(keys, values))
