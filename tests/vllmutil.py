@@ -270,3 +270,4 @@ class CpuVllm:
     def close(self):
         for w in self.workers:
             w.connector.shutdown()
+        self.scheduler.connector.shutdown()

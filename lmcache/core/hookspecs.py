@@ -119,6 +119,36 @@ class EngineAdapterSpec:
     extra: dict = field(default_factory=dict)
 
 
+@runtime_checkable
+class RouterEventPublisher(Protocol):
+    """Tells a KV-aware router which prompt prefixes this engine's lmcache tiers hold.
+
+    Hashes are the router's own, for blocks of ``block_size`` tokens (the router's block size, which is the
+    engine's): the adapter asks ``block_hashes`` for them, keeps them with the chunk, and passes them back on
+    store and eviction. ``tier`` is "cpu" or "disk". Calls may come from any thread."""
+
+    block_size: int
+
+    def block_hashes(self, token_ids: list[int], parent: int | None) -> list[int]:
+        """The router's chained hashes of each full block of ``token_ids``, continuing from ``parent``."""
+
+    def stored(self, block_hashes: list[int], parent: int | None, token_ids: list[int], tier: str) -> None: ...
+
+    def removed(self, block_hashes: list[int], tier: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RouterEventsSpec:
+    """A KV-aware router lmcache can publish events to (``router_events: <name>``)."""
+
+    name: str
+    #: factory(config, block_size) -> a RouterEventPublisher (opened by the engine adapter that has tokens)
+    factory: Callable[["LMCacheConfig", int], RouterEventPublisher]
+    doc: str = ""
+
+
 @hookspec
 def lmcache_hardware_backends() -> list[HardwareBackend]:
     """Return the hardware backends this plugin provides."""
@@ -132,3 +162,8 @@ def lmcache_storage_tiers() -> list[StorageTierSpec]:
 @hookspec
 def lmcache_engine_adapters() -> list[EngineAdapterSpec]:
     """Return the engine adapters this plugin provides."""
+
+
+@hookspec
+def lmcache_router_events() -> list[RouterEventsSpec]:
+    """Return the KV-aware routers this plugin can publish chunk events to."""

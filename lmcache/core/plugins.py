@@ -32,6 +32,7 @@ class Registry:
     hardware: dict[str, hookspecs.HardwareBackend] = field(default_factory=dict)
     tiers: dict[str, hookspecs.StorageTierSpec] = field(default_factory=dict)
     adapters: dict[str, hookspecs.EngineAdapterSpec] = field(default_factory=dict)
+    routers: dict[str, hookspecs.RouterEventsSpec] = field(default_factory=dict)
     #: plugin name -> where it came from ("builtin" or "entry point <dist>")
     plugins: dict[str, str] = field(default_factory=dict)
     #: which plugin registered each name, per kind
@@ -86,6 +87,7 @@ def build_registry() -> Registry:
     _collect(pm, registry, "lmcache_hardware_backends", "hardware backend", registry.hardware, "name")
     _collect(pm, registry, "lmcache_storage_tiers", "storage tier", registry.tiers, "scheme")
     _collect(pm, registry, "lmcache_engine_adapters", "engine adapter", registry.adapters, "name")
+    _collect(pm, registry, "lmcache_router_events", "router events", registry.routers, "name")
     return registry
 
 
@@ -122,3 +124,15 @@ def select_backend(name: str, device_type: str, registry: Registry | None = None
         log.warning("lmcache: no accelerator backend for %s tensors is available; using the torch reference "
                     "ops of the 'cpu' backend, which are correct but slower (run 'lmcache doctor' for why)", device_type)
     return best
+
+
+def open_router_events(config: Any, block_size: int, registry: Registry | None = None) -> Any:
+    """The publisher named by ``router_events`` for an engine of ``block_size``-token blocks (None: off)."""
+    if not config.router_events:
+        return None
+    registry = registry or get_registry()
+    spec = registry.routers.get(config.router_events)
+    if spec is None:
+        raise ValueError(f"router_events '{config.router_events}' is not registered: set it to empty (off) or one of "
+                         f"{', '.join(sorted(registry.routers)) or '(none)'}")
+    return spec.factory(config, block_size)

@@ -23,11 +23,20 @@ from lmcache.adapters.vllm.plan import RequestPlan
 from lmcache.adapters.vllm.scheduler_side import SchedulerSide
 from lmcache.adapters.vllm.worker_side import WorkerSide
 from lmcache.core.engine import CacheEngine
+from lmcache.core.plugins import open_router_events
 from lmcache.core.shared import find_engine
 
 log = logging.getLogger("lmcache")
 # vLLM's medium names (vllm.distributed.kv_events.MEDIUM_*): the CPU tier is "CPU", the disk tier "STORAGE"
 MEDIUM = {"cpu": "CPU", "disk": "STORAGE"}
+
+
+def offset_port(endpoint: str, dp_rank: int) -> str:
+    """Data-parallel rank r publishes on port + r, as vLLM's own KV-event publisher does."""
+    if dp_rank <= 0 or not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint.rpartition(":")
+    return f"{host}:{int(port) + dp_rank}" if port.isdigit() else endpoint
 
 
 class LMCacheConnectorMetadata(KVConnectorMetadata):
@@ -36,7 +45,8 @@ class LMCacheConnectorMetadata(KVConnectorMetadata):
 
 
 class LMCacheKVEvents(KVConnectorKVEvents):
-    """Worker events, kept by the scheduler only when every worker reported them (all TP shards stored)."""
+    """Workers' ``StoredChunk`` events, kept by the scheduler only when every worker reported them (all TP
+    shards stored); the scheduler turns them into vLLM events and router events."""
 
     def __init__(self, num_workers: int = 1) -> None:
         self._aggregator = KVEventAggregator(num_workers)
@@ -84,10 +94,18 @@ class LMCacheConnector(KVConnectorBase_V1):
         self._worker: WorkerSide | None = None
         self._events: LMCacheKVEvents | None = None
         self._lookup_engine: CacheEngine | None = None
+        self._router = None
         if role == KVConnectorRole.SCHEDULER:
+            save = kv_role in ("kv_both", "kv_producer")
+            if save and config.router_events:
+                # one publisher per engine: the scheduler hears every worker's stores and evictions
+                dp_rank = getattr(getattr(vllm_config, "parallel_config", None), "data_parallel_rank", 0) or 0
+                self._router = open_router_events(
+                    config.replace(router_events_endpoint=offset_port(config.router_events_endpoint, dp_rank)),
+                    self.view.block_size)
             self._scheduler = SchedulerSide(config, self.view, self._make_lookup(),
-                                            load=kv_role in ("kv_both", "kv_consumer"),
-                                            save=kv_role in ("kv_both", "kv_producer"))
+                                            load=kv_role in ("kv_both", "kv_consumer"), save=save,
+                                            router_hash=self._router.block_hashes if self._router else None)
         else:
             self._worker = WorkerSide(config, self.view, tp_rank_of(vllm_config))
         log.info("lmcache connector (%s, %s mode): model %s, %d layers, chunk %d tokens", role.name.lower(),
@@ -144,11 +162,41 @@ class LMCacheConnector(KVConnectorBase_V1):
                 self._events.increment_workers(events.get_number_of_workers())
 
     def take_events(self) -> Iterable[Any]:
-        if self._events is not None:
-            self._events.aggregate()
-            yield from self._events.get_all_events()
-            self._events.clear_events()
-            self._events = None
+        if self._events is None:
+            return
+        self._events.aggregate()
+        chunks = self._events.get_all_events()
+        self._events.clear_events()
+        self._events = None
+        for chunk in chunks:
+            if self._router is not None and chunk.router_hashes:
+                self._publish_router(chunk)
+            if self.view.kv_events and chunk.block_hashes:
+                yield self._vllm_event(chunk)
+
+    def _publish_router(self, chunk) -> None:
+        try:
+            if chunk.medium is None:
+                self._router.removed(list(chunk.router_hashes), "cpu")
+            else:
+                self._router.stored(list(chunk.router_hashes), chunk.router_parent, list(chunk.token_ids),
+                                    chunk.medium)
+        except Exception as e:  # routing hints are advisory: never fail a step over one
+            log.warning("lmcache: router event not published: %s: %s", type(e).__name__, e)
+
+    def _vllm_event(self, chunk) -> Any:
+        hashes = [maybe_convert_block_hash(h) for h in chunk.block_hashes]
+        if chunk.medium is None:
+            return BlockRemoved(block_hashes=hashes, medium=MEDIUM["cpu"])
+        return BlockStored(
+            block_hashes=hashes,
+            parent_block_hash=maybe_convert_block_hash(chunk.parent_hash) if chunk.parent_hash else None,
+            token_ids=list(chunk.token_ids),
+            block_size=self.view.block_size,
+            lora_id=None,
+            medium=MEDIUM[chunk.medium],
+            lora_name=None,
+        )
 
     # ============================== worker side ==============================
 
@@ -174,23 +222,8 @@ class LMCacheConnector(KVConnectorBase_V1):
         stored = self._worker.take_stored() if self._worker else []
         if not stored:
             return None
-        out = []
-        for s in stored:
-            hashes = [maybe_convert_block_hash(h) for h in s.block_hashes]
-            if s.medium is None:
-                out.append(BlockRemoved(block_hashes=hashes, medium=MEDIUM["cpu"]))
-                continue
-            out.append(BlockStored(
-                block_hashes=hashes,
-                parent_block_hash=maybe_convert_block_hash(s.parent_hash) if s.parent_hash else None,
-                token_ids=s.token_ids,
-                block_size=self.view.block_size,
-                lora_id=None,
-                medium=MEDIUM[s.medium],
-                lora_name=None,
-            ))
         events = LMCacheKVEvents(num_workers=1)
-        events.add_events(out)
+        events.add_events(stored)
         return events
 
     def _plans(self) -> list[RequestPlan]:
@@ -202,6 +235,9 @@ class LMCacheConnector(KVConnectorBase_V1):
     # ============================== both ==============================
 
     def shutdown(self) -> None:
+        if self._router is not None:
+            self._router.close()
+            self._router = None
         if self._lookup_engine is not None:
             self._lookup_engine.close()
             self._lookup_engine = None

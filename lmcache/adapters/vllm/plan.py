@@ -29,6 +29,10 @@ class RequestPlan:
     block_hashes: list[bytes] = field(default_factory=list)
     parent_hash: bytes | None = None
     save_token_ids: list[int] = field(default_factory=list)
+    #: for router events (``router_events``): the router's hashes of the saved chunks' blocks and of the
+    #: block before them (computed by the scheduler, which has the whole prompt)
+    router_hashes: list[int] = field(default_factory=list)
+    router_parent: int | None = None
 
     def slot_mapping(self, block_size: int, num_tokens: int) -> torch.Tensor:
         """Slot of each token [0, num_tokens): ``block_ids[pos // block_size] * block_size + pos % block_size``.

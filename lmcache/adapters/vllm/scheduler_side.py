@@ -19,6 +19,8 @@ log = logging.getLogger("lmcache")
 
 #: lookup(chunk_keys) -> how many leading chunks are loadable now, for every TP shard
 Lookup = Callable[[list[bytes]], int]
+#: router_hash(token_ids, parent) -> a KV-aware router's chained hashes of the full blocks of token_ids
+RouterHash = Callable[[list[int], "int | None"], list[int]]
 
 
 @dataclass
@@ -30,6 +32,8 @@ class _Tracked:
     saved_chunks: int = 0
     #: (start, end) tokens still to load, handed to the next step's plan
     load: tuple[int, int] | None = None
+    #: the router's hashes of the prompt's blocks [0, len), extended as chunks are saved
+    router_hashes: list[int] = field(default_factory=list)
 
 
 def request_salt(config: LMCacheConfig, request: Any) -> str | None:
@@ -46,12 +50,14 @@ def request_salt(config: LMCacheConfig, request: Any) -> str | None:
 
 
 class SchedulerSide:
-    def __init__(self, config: LMCacheConfig, view: ModelView, lookup: Lookup, *, load: bool, save: bool) -> None:
+    def __init__(self, config: LMCacheConfig, view: ModelView, lookup: Lookup, *, load: bool, save: bool,
+                 router_hash: RouterHash | None = None) -> None:
         self.config = config
         self.view = view
         self.cs = config.chunk_size
         self.bs = view.block_size
         self._lookup = lookup
+        self._router_hash = router_hash
         self.load_enabled = load
         self.save_enabled = save
         self._hashers: dict[str, ChunkHasher] = {}
@@ -146,14 +152,28 @@ class SchedulerSide:
             save_first=save_first,
             save_end=save_end,
         )
-        if self.view.kv_events and save_end > save_first:
+        if save_end > save_first and (self.view.kv_events or self._router_hash is not None):
+            self._add_event_data(t, plan)
+        plans.append(plan)
+
+    def _add_event_data(self, t: _Tracked, plan: RequestPlan) -> None:
+        cs, bs = self.cs, self.bs
+        b0, b1 = plan.save_first * cs // bs, plan.save_end * cs // bs
+        tokens = t.request.prompt_token_ids
+        if self.view.kv_events:
             hashes = list(getattr(t.request, "block_hashes", ()))
-            b0, b1 = save_first * cs // self.bs, save_end * cs // self.bs
             if len(hashes) >= b1:
                 plan.block_hashes = [bytes(h) for h in hashes[b0:b1]]
                 plan.parent_hash = bytes(hashes[b0 - 1]) if b0 > 0 else None
-                plan.save_token_ids = list(t.request.prompt_token_ids[save_first * cs : save_end * cs])
-        plans.append(plan)
+        if self._router_hash is not None:
+            have = len(t.router_hashes)
+            if have < b1:  # chained from the prompt's start: each block is hashed once per request
+                t.router_hashes += self._router_hash(list(tokens[have * bs : b1 * bs]),
+                                                     t.router_hashes[-1] if have else None)
+            plan.router_hashes = t.router_hashes[b0:b1]
+            plan.router_parent = t.router_hashes[b0 - 1] if b0 > 0 else None
+        if plan.block_hashes or plan.router_hashes:
+            plan.save_token_ids = list(tokens[plan.save_first * cs : plan.save_end * cs])
 
     def request_finished(self, request: Any) -> None:
         # saves complete inside the step that planned them (wait_for_save), so the blocks are free now

@@ -8,6 +8,7 @@ while a save still reads it. A failed or short load reports the blocks it could 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -26,15 +27,22 @@ log = logging.getLogger("lmcache")
 MAX_ANNOUNCED = 1 << 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class StoredChunk:
-    """One chunk that reached the cache, in vLLM's terms (for a BlockStored event)."""
+    """One chunk that reached the cache or left a tier, with what a BlockStored/BlockRemoved event needs:
+    vLLM's block hashes (vLLM's own event stream) and a router's (``router_events``). Hashable, because
+    vLLM's event aggregator counts identical events from every TP worker."""
 
-    block_hashes: list[bytes]
+    block_hashes: tuple[bytes, ...]
     parent_hash: bytes | None
-    token_ids: list[int]
+    token_ids: tuple[int, ...]
     #: "cpu" when stored; "disk" when the CPU tier moved it there; None when it left the cache
     medium: str | None = "cpu"
+    router_hashes: tuple[int, ...] = ()
+    router_parent: int | None = None
+
+    def moved(self, medium: str | None) -> "StoredChunk":
+        return dataclasses.replace(self, medium=medium)
 
 
 @dataclass
@@ -75,7 +83,7 @@ class WorkerSide:
         self.kv = kv
         self.engine = get_engine(self.config, self.view.identity, self.head_range, layers[0].device)
         listeners = getattr(self.engine.stack, "eviction_listeners", None)
-        if listeners is not None and self.view.kv_events:
+        if listeners is not None and (self.view.kv_events or self.config.router_events):
             listeners.append(self._on_evict)
 
     # -- per step -----------------------------------------------------------------------------------
@@ -124,7 +132,7 @@ class WorkerSide:
                 stored = result.stored_indices
             else:
                 stored = list(range(plan.save_first, plan.save_end))  # the saver rank stores these heads
-            if plan.block_hashes:
+            if plan.block_hashes or plan.router_hashes:
                 with self._events_lock:
                     for chunk_index, event in zip(stored, self._events_for(plan, stored)):
                         self._stored.append(event)
@@ -138,9 +146,15 @@ class WorkerSide:
         out = []
         for c in chunk_indices:
             j = c - plan.save_first
-            hashes = plan.block_hashes[j * per : (j + 1) * per]
-            parent = plan.block_hashes[j * per - 1] if j > 0 else plan.parent_hash
-            out.append(StoredChunk(hashes, parent, plan.save_token_ids[j * cs : (j + 1) * cs]))
+            blocks = slice(j * per, (j + 1) * per)
+            out.append(StoredChunk(
+                tuple(plan.block_hashes[blocks]),
+                (plan.block_hashes[j * per - 1] if j > 0 else plan.parent_hash) if plan.block_hashes else None,
+                tuple(plan.save_token_ids[j * cs : (j + 1) * cs]),
+                router_hashes=tuple(plan.router_hashes[blocks]),
+                router_parent=(plan.router_hashes[j * per - 1] if j > 0 else plan.router_parent)
+                if plan.router_hashes else None,
+            ))
         return out
 
     def _on_evict(self, okey, where: str | None) -> None:
@@ -148,9 +162,9 @@ class WorkerSide:
         with self._events_lock:
             event = self._announced.pop(okey.chunk, None)
             if event is not None:
-                self._stored.append(StoredChunk(event.block_hashes, event.parent_hash, event.token_ids, medium=None))
-                if where == "disk":
-                    self._stored.append(StoredChunk(event.block_hashes, event.parent_hash, event.token_ids, "disk"))
+                if where == "disk":  # on disk before it leaves the CPU tier: the router never sees a gap
+                    self._stored.append(event.moved("disk"))
+                self._stored.append(event.moved(None))
 
     def _engine(self) -> CacheEngine:
         if self.engine is None:
