@@ -101,3 +101,26 @@ def test_bench_transfer_mp_mode_compares_with_inproc():
     d = json.loads(r.stdout)
     assert d["bit_exact"] is True and d["mp"]["bit_exact"] is True
     assert d["mp"]["store_vs_inproc"] > 0 and d["mp"]["retrieve_vs_inproc"] > 0
+
+
+def test_bench_kernels_reports_ratio_to_a_same_run_copy():
+    r = run("bench", "kernels", "--model-shape", "tiny", "--tokens", "1024", "--repeats", "1", "--device", "cpu",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["bit_exact"] and d["backend"] == "cpu" and d["fallback"] is None
+    assert d["raw_copy_gbps"] > 0 and d["gather_ratio"] == d["gather_gbps"] / d["raw_copy_gbps"]
+
+
+def test_bench_ttft_builds_a_random_llama_and_retrieves_its_kv_bit_exact():
+    from engineutil import require_engine
+
+    require_engine("transformers", "bench ttft builds a transformers Llama (.ci/run installs it with vLLM)")
+    r = run("bench", "ttft", "--model-shape", "tiny", "--tokens", "128,256", "--repeats", "1", "--device", "cpu",
+            "--set", "chunk_size=64", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [row["tokens"] for row in d["rows"]] == [128, 256]
+    assert all(row["bit_exact"] and row["prefill_s"] > 0 and row["ttft_cut"] > 0 for row in d["rows"])
+    r = run("bench", "ttft", "--model-shape", "tiny", "--tokens", "10", "--device", "cpu")
+    assert r.returncode == 2 and "--tokens" in r.stderr

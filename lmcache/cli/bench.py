@@ -42,6 +42,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     from lmcache.cli import bench_tier
 
     bench_tier.add_parser(bsub)
+    from lmcache.cli import bench_gpu
+
+    bench_gpu.add_parsers(bsub)
 
     lk = bsub.add_parser("lookup", help="hash + prefix lookup latency of a long prompt, all chunks cached")
     lk.add_argument("--tokens", type=int, default=131072)
@@ -172,6 +175,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     say("verifying every retrieved byte against the source")
     exact = _verify(src, src_slots, dst, dst_slots)
     backend_name, threads = engine.backend.name, getattr(engine.backend, "threads", None)
+    fallback = getattr(engine.backend, "fallback", None)
     engine.close()
     mp = None
     if args.mode == "mp":
@@ -187,6 +191,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         "store_gbps": store_gbs, "raw_store_copy_gbps": raw_d2h / 1e9, "store_ratio": store_gbs / (raw_d2h / 1e9),
         "retrieve_gbps": retrieve_gbs, "raw_retrieve_copy_gbps": raw_h2d / 1e9,
         "retrieve_ratio": retrieve_gbs / (raw_h2d / 1e9), "lookup_ms": lookup_s * 1e3, "bit_exact": exact,
+        "fallback": fallback,
     }
     if mp is not None:
         data["mp"] = {**mp, "store_vs_inproc": mp["store_gbps"] / store_gbs, "retrieve_vs_inproc": mp["retrieve_gbps"] / retrieve_gbs}
@@ -206,6 +211,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                   [["store", f"{m['store_gbps']:.2f}", f"{d['store_gbps']:.2f}", f"{m['store_vs_inproc']:.0%}"],
                    ["retrieve", f"{m['retrieve_gbps']:.2f}", f"{d['retrieve_gbps']:.2f}", f"{m['retrieve_vs_inproc']:.0%}"]])
         print(f"lookup of the whole prompt: {d['lookup_ms']:.2f} ms; retrieved bytes bit-exact: {d['bit_exact']}")
+        if d.get("fallback"):
+            print(f"FALLBACK: the {d['backend']} backend used the torch reference ops: {d['fallback']}")
 
     emit(args, data, render)
     return 0 if exact else 1

@@ -16,7 +16,8 @@ from lmcache.core import hookspecs
 log = logging.getLogger("lmcache")
 
 # Built-ins register through the same hooks as outside packages.
-BUILTIN_PLUGINS = ("lmcache.hardware.cpu", "lmcache.core.tiers.redis_tier", "lmcache.adapters.vllm",
+BUILTIN_PLUGINS = ("lmcache.hardware.cpu", "lmcache.hardware.cuda", "lmcache.hardware.rocm", "lmcache.hardware.ascend",
+                   "lmcache.core.tiers.redis_tier", "lmcache.adapters.vllm",
                    "lmcache.adapters.sglang", "lmcache.adapters.dynamo")
 ENTRY_POINT_GROUP = "lmcache"
 

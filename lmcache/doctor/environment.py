@@ -45,8 +45,16 @@ def accelerator() -> Iterator[Check]:
     reg = get_registry()
     for name, backend in sorted(reg.hardware.items()):
         ok, why = backend.available()
-        yield Check(f"backend {name}", OK if ok else WARN if name != "cpu" else FAIL,
-                    f"{'available' if ok else 'unavailable'}: {why}", "" if ok else f"device_backend: {name} cannot be used here")
+        # unavailable is only a problem where this machine has the device the backend is for
+        relevant = device in backend.device_types and getattr(backend, "_platform_ok", lambda: (True, ""))()[0]
+        yield Check(f"backend {name}", OK if ok else FAIL if name == "cpu" else WARN if relevant else OK,
+                    f"{'available' if ok else 'unavailable'}: {why}",
+                    "" if ok or not relevant else f"device_backend: {name} cannot be used here")
+        if ok and hasattr(backend, "self_test"):  # compile and run its kernels here, bit-exact, before an engine does
+            passed, what = backend.self_test()
+            yield Check(f"kernels {name}", OK if passed else FAIL, what,
+                        "" if passed else "engines fall back to the slower torch reference ops (logged); report this "
+                        "with 'lmcache doctor --json'")
     for dev in filter(None, ("cpu", device)):
         candidates = [b for b in reg.hardware.values() if dev in b.device_types and b.available()[0]]
         if not candidates:
