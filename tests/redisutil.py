@@ -81,10 +81,12 @@ def start_cluster(workdir: Path, masters: int = 3) -> list[RedisServer]:
     nodes = [RedisServer(workdir, cluster=True).start() for _ in range(masters)]
     subprocess.run([REDIS_CLI, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
                     "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        info = redis.Redis(port=nodes[0].port, decode_responses=True).cluster("info")
-        if info.get("cluster_state") == "ok":
+        # every node, not only the first: gossip reaches them one by one, and a client may ask any of them
+        infos = [redis.Redis(port=n.port, decode_responses=True).cluster("info") for n in nodes]
+        if all(i.get("cluster_state") == "ok" and int(i.get("cluster_slots_ok", 0)) == 16384
+               and int(i.get("cluster_known_nodes", 0)) == masters for i in infos):
             return nodes
         time.sleep(0.1)
     raise RuntimeError("redis cluster did not reach cluster_state:ok")

@@ -187,3 +187,60 @@ def test_dynamo_vllm_line_is_accepted_by_dynamos_own_worker_parser(model_dir):
     assert (kt.kv_connector, kt.kv_connector_module_path) == ("LMCacheConnector", "lmcache.adapters.vllm")
     assert kt.kv_connector_extra_config == {"lmcache.chunk_size": 32}
     assert config.use_kv_events and config.engine_args.kv_events_config.publisher == "zmq"
+
+
+class DynamoDeployment:
+    """tests/dynamo_router.py in a child process: two Dynamo workers and Dynamo's KV router."""
+
+    def __init__(self, zmq_endpoint: str, block_size: int, discovery_dir) -> None:
+        import os
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.proc = subprocess.Popen([sys.executable, os.path.join(here, "dynamo_router.py"), zmq_endpoint,
+                                      str(block_size), str(discovery_dir)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        assert line.startswith("READY "), f"the Dynamo deployment did not start: {line!r}"
+        self.ids = json.loads(line[6:])
+
+    def ask(self, tokens: list[int]) -> dict:
+        self.proc.stdin.write(json.dumps(tokens) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_dynamos_kv_router_routes_to_the_worker_whose_lmcache_holds_the_prefix(model_dir, tmp_path):
+    """Dynamo's runtime (file discovery, ZMQ event plane), two workers, Dynamo's KvRouter: the worker whose
+    relay carries lmcache's events is scored for the prompt's blocks in its host-pinned tier and chosen."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    engine, router = engine_with_router(model_dir, endpoint)
+    deployment = DynamoDeployment(endpoint, BS, tmp_path / "discovery")
+    try:
+        assert router.wait_for_subscriber(30), "Dynamo's KvEventPublisher never subscribed to lmcache's endpoint"
+        engine.add("A", prompt(200))
+        engine.run()
+        request = prompt(200)[:192] + prompt(40, seed=9)
+        ours, plain = str(deployment.ids["lmcache"]), str(deployment.ids["plain"])
+        deadline = time.monotonic() + 20
+        while True:
+            got = deployment.ask(request)
+            if got["workers"].get(ours, {}).get("host_pinned_blocks") == 12 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert got["workers"][ours]["host_pinned_blocks"] == 12  # 192 tokens in 16-token blocks
+        assert got["workers"][ours]["device_blocks"] == 0
+        assert got["workers"].get(plain, {}).get("host_pinned_blocks", 0) == 0
+        assert got["best"][0] == deployment.ids["lmcache"]  # the router sends the request where the prefix is
+        unrelated = deployment.ask(prompt(200, seed=4))
+        assert unrelated["workers"].get(ours, {}).get("host_pinned_blocks", 0) == 0
+    finally:
+        deployment.close()
+        engine.close()

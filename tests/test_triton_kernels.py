@@ -77,6 +77,13 @@ def build(g, layout, num_slots, block_size, seed, shard):
     return TokenSlotKV([t[:, h:] for t in kv.k], [t[:, h:] for t in kv.v] if kv.v else None, h)
 
 
+def random_chunk(heads: int, g: KVGeometry, tokens: int, gen: torch.Generator) -> torch.Tensor:
+    chunk = torch.empty(heads, g.num_layers, tokens, g.row_dim, dtype=g.dtype)
+    raw = chunk.view(torch.uint8)
+    raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen))
+    return chunk
+
+
 def layers_of(kv):
     return kv.layers if isinstance(kv, BlockPagedKV) else kv.k + (kv.v or [])
 
@@ -111,13 +118,35 @@ def test_scatter_kernel_equals_the_reference_and_skips_negative_slots(case, mask
     for j in range(chunks):
         slots = slots_for(per_chunk, num_slots, block_size, j % 2 == 1, seed + 7 * j)
         slots[: min(masked, per_chunk - 1)] = -1  # tokens the engine holds already: left alone
-        chunk = torch.empty(ours.num_heads, g.num_layers, per_chunk, g.row_dim, dtype=g.dtype)
-        chunk.view(torch.uint8).copy_(torch.randint(0, 256, chunk.view(torch.uint8).shape, dtype=torch.uint8,
-                                                    generator=gen))
+        chunk = random_chunk(ours.num_heads, g, per_chunk, gen)
         ours_jobs.append((convert.plan_slots(ours, slots), chunk))
         ref_jobs.append((convert.plan_slots(theirs, slots), chunk))
     copier.scatter(ours, ours_jobs)
     for plan, chunk in ref_jobs:
+        convert.scatter(theirs, plan, chunk, range(g.num_layers))
+    for a, b in zip(layers_of(ours), layers_of(theirs)):
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases())
+def test_layer_by_layer_launches_add_up_to_the_whole(case):
+    """layerwise_load issues one launch per layer: together they write exactly what one whole launch does."""
+    g, layout, block_size, per_chunk, chunks, shard, seed = case
+    num_slots = (per_chunk * chunks // block_size + 4) * block_size * 2
+    ours = build(g, layout, num_slots, block_size, seed, shard)
+    theirs = build(g, layout, num_slots, block_size, seed, shard)
+    gen = torch.Generator().manual_seed(seed)
+    jobs, ref = [], []
+    for j in range(chunks):
+        slots = slots_for(per_chunk, num_slots, block_size, j % 2 == 0, seed + j)
+        chunk = random_chunk(ours.num_heads, g, per_chunk, gen)
+        jobs.append((convert.plan_slots(ours, slots), chunk))
+        ref.append((convert.plan_slots(theirs, slots), chunk))
+    launch = copier.prepare(ours, jobs)
+    for layer in reversed(range(g.num_layers)):
+        copier.run(launch, range(layer, layer + 1), to_chunk=False)
+    for plan, chunk in ref:
         convert.scatter(theirs, plan, chunk, range(g.num_layers))
     for a, b in zip(layers_of(ours), layers_of(theirs)):
         assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
@@ -208,3 +237,26 @@ def test_chunks_of_one_launch_must_agree():
     with pytest.raises(ValueError, match="same shape"):
         copier.gather(kv, [(plan, torch.empty(1, 1, 4, 8, dtype=torch.float16)),
                            (plan, torch.empty(1, 1, 8, 8, dtype=torch.float16))])
+
+
+def test_layerwise_retrieve_releases_its_chunks_when_finished():
+    g = KVGeometry(2, 2, 8, 8, torch.bfloat16)
+    backend = InterpretedTritonBackend()
+    engine = engine_with(backend, g, 8)
+    src, dst = build(g, "LBNHC", 128, 4, 1, False), build(g, "sglang", 128, 4, 2, False)
+    src_slots, dst_slots = slots_for(32, 128, 4, True, 3), slots_for(32, 128, 4, False, 4)
+    tokens = list(range(32))
+    engine.store(tokens, src, src_slots)
+    keys = engine.hasher().keys(tokens)
+    inflight = engine.retrieve_chunks_by_layer(keys, dst, dst_slots)
+    assert inflight.end == 32
+    assert all(e.obj.refcount == 2 for e in inflight.entries)  # the tier's reference and the load's
+    for layer in range(2):
+        inflight.wait_layer(layer)
+        for a, b in zip(src_slots.tolist(), dst_slots.tolist()):
+            assert torch.equal(read_token(src, a, layer), read_token(dst, b, layer))
+    inflight.finish()
+    inflight.finish()  # idempotent
+    assert all(e.obj.refcount == 1 for e in inflight.entries)
+    assert engine.clear() == 4 and engine.cpu.pool.stats()["used"] == 0  # every byte went back to the pool
+    engine.close()

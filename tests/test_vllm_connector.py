@@ -339,3 +339,23 @@ def test_chunk_size_not_a_multiple_of_the_block_size_is_refused(model_dir):
 def test_unknown_lmcache_key_in_extra_config_is_named(model_dir):
     with pytest.raises(ValueError, match="lmcache.chunk_sise"):
         CpuVllm(vllm_config(model_dir, {"lmcache.chunk_sise": 32}))
+
+
+@pytest.mark.parametrize("mode", ["inproc", "mp"])
+def test_layerwise_load_waits_per_layer_and_frees_its_chunks(model_dir, server, mode):
+    """layerwise_load: start_load_kv queues the loads, each layer's wait_for_layer_load (as vLLM's attention
+    layers call it) comes before that layer's KV is used, and the chunks are let go after the forward."""
+    kw = {"layerwise_load": True} if mode == "inproc" else {"layerwise_load": True, "mode": "mp",
+                                                            "server_url": server.url}
+    a = CpuVllm(vllm_config(model_dir, extra(**kw)))
+    a.add("A", prompt(200))
+    a.run()
+    b = CpuVllm(vllm_config(model_dir, extra(**kw)), layout="BLNHC")
+    b.add("B", prompt(200))
+    assert b.step().output.scheduled_new_reqs[0].num_computed_tokens == 192  # loaded, then checked bit-exact
+    worker = b.workers[0].connector._worker
+    assert worker._inflight == [] and worker.stats.loaded_tokens == 192
+    b.run()
+    if mode == "inproc":
+        engine = worker.engine
+        assert engine.clear() == 6 and engine.cpu.pool.stats()["used"] == 0  # no chunk still held by a load

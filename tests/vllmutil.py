@@ -226,6 +226,8 @@ class CpuVllm:
             for w in self.workers:  # the "forward": write this step's KV
                 kv = self.expected(w, tokens, torch.arange(start, start + n))
                 for layer_idx, layer in enumerate(w.layers):
+                    # as vLLM's attention layers do, each layer first waits for its loaded KV
+                    w.connector.wait_for_layer_load(w.connector.view.layer_names[layer_idx])
                     layer[slots // self.bs, :, slots % self.bs, :] = kv[:, layer_idx]
             sampled[rid] = [7] if start + n >= req.num_tokens else []
         ids = list(sampled)

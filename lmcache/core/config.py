@@ -78,6 +78,7 @@ class LMCacheConfig:
     server_url: str = _key("tcp://127.0.0.1:5555", "Address of 'lmcache server' in mp mode.", lambda v: None if v.startswith(("tcp://", "ipc://")) else "a ZeroMQ address such as tcp://127.0.0.1:5555")
     server_token: str = _key("", "Shared secret presented to 'lmcache server' (required when it listens beyond loopback).")
     mp_transport: str = _key("shm", "How chunk bytes reach the server in mp mode: shm (map its shared pool; falls back to bytes when impossible) or bytes (over the socket).", _choice("shm", "bytes"))
+    layerwise_load: bool = _key(False, "Load a hit's KV layer by layer on the backend's copy stream, each layer waited for just before its attention runs (vLLM's wait_for_layer_load); off: every layer is loaded before the forward starts.")
     router_events: str = _key("", "Publish which prefixes the lmcache tiers hold to a KV-aware router: empty (off) or a router's name (dynamo).", lambda v: None if v == "" or v.replace("_", "").replace("-", "").isalnum() else "empty or a router name such as dynamo")
     router_events_endpoint: str = _key("tcp://*:5558", "ZeroMQ address the router-event publisher binds; the router's indexer subscribes to it.", lambda v: None if v.startswith(("tcp://", "ipc://")) else "a ZeroMQ address such as tcp://*:5558")
     log_level: str = _key("INFO", "Logging level of lmcache's own logger.", _choice("DEBUG", "INFO", "WARNING", "ERROR"))

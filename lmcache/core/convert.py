@@ -28,25 +28,37 @@ class SlotPlan:
     blocks: torch.Tensor | None
     block_idx: torch.Tensor | None
     in_block: torch.Tensor | None
+    #: ``slots`` / ``positions`` in host memory when the caller gave host slots (kernels build their
+    #: tables from these without a device round trip)
+    host_slots: torch.Tensor | None = None
+    host_positions: torch.Tensor | None = None
 
 
 def plan_slots(kv: KVLayout, slots: torch.Tensor) -> SlotPlan:
-    slots = slots.to(device=kv.device, dtype=torch.long)
+    """Digest one chunk's slots where they are (checks on host slots cost no device synchronization),
+    then move the results to the KV memory's device."""
+    slots = slots.to(dtype=torch.long)
     positions = None
     if bool((slots < 0).any()):
         positions = torch.nonzero(slots >= 0).flatten()
         slots = slots[positions]
     if int(slots.numel()) and int(slots.max()) >= kv.num_slots:
         raise IndexError(f"slot {int(slots.max())} is out of range: the KV memory has {kv.num_slots} slots")
+    host = slots.device.type == "cpu"
+    host_slots, host_positions = (slots, positions) if host else (None, None)
+
+    def dev(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(kv.device, non_blocking=True)
+
     if not isinstance(kv, BlockPagedKV):
-        return SlotPlan(slots, positions, None, None, None)
+        return SlotPlan(dev(slots), dev(positions), None, None, None, host_slots, host_positions)
     n = kv.block_size
     if positions is None and slots.numel() % n == 0 and slots.numel():
         rows = slots.view(-1, n)
         first = rows[:, 0]
         if bool(((first % n) == 0).all()) and bool((rows - first[:, None] == torch.arange(n, device=slots.device)).all()):
-            return SlotPlan(slots, None, first // n, None, None)
-    return SlotPlan(slots, positions, None, slots // n, slots % n)
+            return SlotPlan(dev(slots), None, dev(first // n), None, None, host_slots, None)
+    return SlotPlan(dev(slots), dev(positions), None, dev(slots // n), dev(slots % n), host_slots, host_positions)
 
 
 _local = threading.local()

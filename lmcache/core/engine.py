@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -51,6 +51,31 @@ class EngineStats:
     retrieved_tokens: int = 0
     dropped_chunks: int = 0
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayerwiseLoad:
+    """A retrieve in flight, layer by layer (``CacheEngine.retrieve_chunks_by_layer``)."""
+
+    #: tokens [0, end) hold cached KV once every layer has arrived
+    end: int
+    events: list
+    backend: Any
+    stack: Any
+    entries: list
+    done: bool = False
+
+    def wait_layer(self, layer: int) -> None:
+        if layer < len(self.events) and self.events[layer] is not None:
+            self.backend.wait_event(self.events[layer])
+
+    def finish(self) -> None:
+        """Wait for every copy, then let the chunks go (they are pinned in their tier until now)."""
+        if not self.done:
+            self.done = True
+            if self.events:
+                self.backend.synchronize()
+            self.stack.release_many(self.entries)
 
 
 class CacheEngine:
@@ -217,6 +242,35 @@ class CacheEngine:
             self.stack.release_many(entries)
         self.stats.retrieved_tokens += len(entries) * cs
         return (first + len(entries)) * cs
+
+    def retrieve_chunks_by_layer(self, chunk_keys: Sequence[bytes], kv: KVLayout, slot_mapping: torch.Tensor,
+                                 first: int = 0) -> "LayerwiseLoad":
+        """``retrieve_chunks`` whose copies run layer by layer behind the caller: the chunks are found (and
+        read from lower tiers) now, each layer's copy is queued on the backend's copy stream, and
+        ``wait_layer(i)`` makes the caller's stream wait for layer i only. ``finish()`` once the forward is
+        done (it waits for the copies and releases the chunks). Backends without per-layer copies load
+        every layer here."""
+        self._check(kv, None, slot_mapping)
+        cs = self.chunk_size
+        n = min(len(slot_mapping) // cs, len(chunk_keys))
+        entries = self.stack.acquire_prefix(self.object_key(chunk_keys[i]) for i in range(first, n))
+        try:
+            jobs = [(plan_slots(kv, slot_mapping[(first + j) * cs : (first + j + 1) * cs]), e.payload())
+                    for j, e in enumerate(entries)]
+            jobs = [(p, c) for p, c in jobs if p.slots.numel()]
+            by_layer = getattr(self.backend, "scatter_by_layer", None)
+            if by_layer is not None and jobs:
+                events = by_layer(kv, jobs)
+            else:
+                self.backend.scatter(kv, jobs)
+                self.backend.synchronize()
+                events = []
+        except BaseException:
+            self.backend.synchronize()
+            self.stack.release_many(entries)
+            raise
+        self.stats.retrieved_tokens += len(entries) * cs
+        return LayerwiseLoad((first + len(entries)) * cs, events, self.backend, self.stack, entries)
 
     def lookup_chunks(self, chunk_keys: Iterable[bytes], head_ranges: Iterable[tuple[int, int]] | None = None) -> int:
         """How many leading chunks are cached for every head range given (default: this engine's).

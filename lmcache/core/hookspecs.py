@@ -55,6 +55,10 @@ class HardwareBackend(Protocol):
     def synchronize(self) -> None:
         """Wait until every copy issued so far has finished."""
 
+    # Optional, for layer-by-layer loads (``layerwise_load``); a backend without them loads all layers at once:
+    #   scatter_by_layer(kv, jobs) -> [event per layer]: issue every layer's scatter in layer order, asynchronously
+    #   wait_event(event): make the caller's current stream (the forward pass) wait for that layer
+
 
 @runtime_checkable
 class StorageTier(Protocol):

@@ -55,18 +55,25 @@ class TritonGpuBackend:
             return False, "this torch has no CUDA support (a CPU build): install a CUDA build of torch"
         return True, ""
 
+    #: what to check when torch sees no device, and how to install Triton, for this platform
+    no_device_hint = "no GPU is visible to torch (check the driver, CUDA_VISIBLE_DEVICES)"
+    triton_hint = "pip install triton"
+
+    def _platform_label(self) -> str:
+        return f"torch {torch.__version__}"
+
     def available(self) -> tuple[bool, str]:
         ok, why = self._platform_ok()
         if not ok:
             return False, why
         if not torch.cuda.is_available():
-            return False, "no GPU is visible to torch (check the driver, CUDA_VISIBLE_DEVICES)"
+            return False, self.no_device_hint
         from lmcache.hardware import triton_copy
 
         if triton_copy.IMPORT_ERROR:
-            return False, f"Triton is not importable ({triton_copy.IMPORT_ERROR}): pip install triton"
+            return False, f"Triton is not importable ({triton_copy.IMPORT_ERROR}): {self.triton_hint}"
         return True, (f"Triton {triton_copy.triton.__version__} kernels on {torch.cuda.get_device_name()} "
-                      f"(torch {torch.__version__})")
+                      f"({self._platform_label()})")
 
     def self_test(self) -> tuple[bool, str]:
         """Run the kernels once on a small paged cache on this device, bit-exact against the reference."""
@@ -92,6 +99,36 @@ class TritonGpuBackend:
     def synchronize(self) -> None:
         for stream in list(self._streams.values()):
             stream.synchronize()
+
+    def scatter_by_layer(self, kv: KVLayout, jobs) -> list:
+        """Issue every layer's scatter in order on the copy stream; one event per layer (``wait_event``)."""
+        layers = len(kv.layers) if hasattr(kv, "layers") else len(kv.k)
+        jobs = [(p, c) for p, c in jobs if p.slots.numel()]
+        why = self.copier.supports(kv) if jobs else "nothing to copy"
+        if why is None and kv.device.type != "cuda":
+            why = f"the KV memory is on {kv.device}, not a GPU"
+        if why is None and not all(c.device == kv.device or c.is_pinned() for _, c in jobs):
+            why = "chunks in pageable host memory"
+        if why is not None:  # all layers now, then nothing to wait for
+            self.scatter(kv, jobs)
+            self.synchronize()
+            return [None] * layers
+        stream = self.stream(kv.device)
+        stream.wait_stream(torch.cuda.current_stream(kv.device))
+        events = []
+        with torch.cuda.stream(stream):
+            launch = self.copier.prepare(kv, jobs)
+            for layer in range(layers):
+                self.copier.run(launch, range(layer, layer + 1), to_chunk=False)
+                event = torch.cuda.Event()
+                event.record(stream)
+                events.append(event)
+        return events
+
+    def wait_event(self, event) -> None:
+        """Make the caller's current stream (the forward pass) wait for one layer's copies."""
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
 
     # -- copies ---------------------------------------------------------------------------------------
 

@@ -22,18 +22,11 @@ class RocmBackend(TritonGpuBackend):
             return False, "this torch is not a ROCm build (torch.version.hip is unset)"
         return True, ""
 
-    def available(self) -> tuple[bool, str]:
-        ok, why = self._platform_ok()
-        if not ok:
-            return False, why
-        if not torch.cuda.is_available():
-            return False, "no AMD GPU is visible to torch (check ROCm, HIP_VISIBLE_DEVICES)"
-        from lmcache.hardware import triton_copy
+    no_device_hint = "no AMD GPU is visible to torch (check ROCm, HIP_VISIBLE_DEVICES)"
+    triton_hint = "pip install triton (the ROCm build)"
 
-        if triton_copy.IMPORT_ERROR:
-            return False, f"Triton is not importable ({triton_copy.IMPORT_ERROR}): pip install triton (ROCm build)"
-        return True, (f"Triton {triton_copy.triton.__version__} kernels on {torch.cuda.get_device_name()} "
-                      f"(HIP {torch.version.hip})")
+    def _platform_label(self) -> str:
+        return f"HIP {torch.version.hip}"
 
 
 @hookimpl

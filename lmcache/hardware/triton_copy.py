@@ -38,16 +38,16 @@ _INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 if triton is not None:
 
     @triton.jit
-    def _copy_rows(kv_ref, layer_origin, chunk_ref, chunk_origin, slots, T, tiles, L, H, block_size, s_block,
-                   s_head, s_tok, row, col0, WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                   TO_CHUNK: tl.constexpr):
+    def _copy_rows(kv_ref, layer_origin, chunk_ref, chunk_origin, slots, T, tiles, L, layer0, H, block_size,
+                   s_block, s_head, s_tok, row, col0, WIDTH: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_C: tl.constexpr, TO_CHUNK: tl.constexpr):
         # builtins only (no triton.language helpers that are themselves @jit functions): the interpreter
         # can then run this kernel even when Triton was imported before TRITON_INTERPRET was set
         pid_t = tl.program_id(0)  # chunk j, token tile
-        pid_lh = tl.program_id(1)  # layer l, head h
+        pid_lh = tl.program_id(1)  # layer l (from layer0), head h
         j = pid_t // tiles
         t = (pid_t % tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
-        layer = pid_lh // H
+        layer = layer0 + pid_lh // H
         head = pid_lh % H
         in_chunk = t < T
         slot = tl.load(slots + j * T + t, mask=in_chunk, other=-1)
@@ -108,6 +108,22 @@ def _ref(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=t.device).set_(t.untyped_storage(), byte_off // w, (1,), (1,))
 
 
+@dataclass
+class Launch:
+    """Everything a gather or scatter of some jobs needs, prepared once for any number of layer ranges."""
+
+    parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]]  # (kv_ref, origins, strides/shape, col0)
+    chunk_ref: torch.Tensor
+    chunk_origin: torch.Tensor
+    slots: torch.Tensor
+    jobs: int
+    heads: int
+    layers: int
+    tokens: int
+    row: int
+    element_bytes: int
+
+
 class TritonCopier:
     """Launches the kernels; device-agnostic (a CUDA or ROCm device, or CPU under the interpreter)."""
 
@@ -121,19 +137,23 @@ class TritonCopier:
             return "the engine's KV rows are not contiguous in their last dimension"
         return None
 
-    def gather(self, kv: KVLayout, jobs: list[tuple[SlotPlan, torch.Tensor]]) -> None:
+    def gather(self, kv: KVLayout, jobs: list[tuple[SlotPlan, torch.Tensor]], layers: range | None = None) -> None:
         for plan, _ in jobs:
             if plan.positions is not None:
                 raise ValueError("gather needs a KV slot for every token of the chunk (found negative slots)")
-        self._launch(kv, jobs, to_chunk=True)
+        launch = self.prepare(kv, jobs)
+        if launch is not None:
+            self.run(launch, layers, to_chunk=True)
 
-    def scatter(self, kv: KVLayout, jobs: list[tuple[SlotPlan, torch.Tensor]]) -> None:
-        self._launch(kv, jobs, to_chunk=False)
+    def scatter(self, kv: KVLayout, jobs: list[tuple[SlotPlan, torch.Tensor]], layers: range | None = None) -> None:
+        launch = self.prepare(kv, jobs)
+        if launch is not None:
+            self.run(launch, layers, to_chunk=False)
 
-    def _launch(self, kv: KVLayout, jobs: list[tuple[SlotPlan, torch.Tensor]], to_chunk: bool) -> None:
+    def prepare(self, kv: KVLayout, jobs: list[tuple[SlotPlan, torch.Tensor]]) -> Launch | None:
         jobs = [(p, c) for p, c in jobs if p.slots.numel()]
         if not jobs:
-            return
+            return None
         chunks = [c for _, c in jobs]
         heads, layers, tokens, row = chunks[0].shape
         if any(tuple(c.shape) != (heads, layers, tokens, row) or not c.is_contiguous() for c in chunks):
@@ -148,24 +168,32 @@ class TritonCopier:
         device = kv.device
         slots = torch.full((len(jobs), tokens), -1, dtype=torch.int64)
         for j, (plan, _) in enumerate(jobs):  # the plan's slots, back in chunk-token positions
-            s = plan.slots.to("cpu", torch.int64)
+            s = plan.host_slots if plan.host_slots is not None else plan.slots.to("cpu")
             if plan.positions is None:
                 slots[j, : s.numel()] = s
             else:
-                slots[j, plan.positions.to("cpu")] = s
-        chunk_ref = _ref(chunks[0], wide)
+                slots[j, plan.host_positions if plan.host_positions is not None else plan.positions.to("cpu")] = s
         chunk_origin = torch.tensor([(c.data_ptr() - chunks[0].data_ptr()) // w for c in chunks], dtype=torch.int64)
-        slots, chunk_origin = slots.to(device, non_blocking=True), chunk_origin.to(device, non_blocking=True)
+        prepared = []
         for part in parts:
             ref = part.tensors[0]
-            kv_ref = _ref(ref, wide)
-            origin = torch.tensor([(t.data_ptr() - ref.data_ptr()) // w for t in part.tensors],
-                                  dtype=torch.int64).to(device, non_blocking=True)
-            width = ref.shape[3] * es // w
-            block_c = min(triton.next_power_of_2(width), 128)
-            tiles = -(-tokens // self.BLOCK_T)
-            grid = (len(jobs) * tiles, layers * heads)
+            origin = torch.tensor([(t.data_ptr() - ref.data_ptr()) // w for t in part.tensors], dtype=torch.int64)
+            geometry = (ref.shape[2], ref.stride(0) * es // w, ref.stride(1) * es // w, ref.stride(2) * es // w,
+                        ref.shape[3] * es // w)
+            prepared.append((_ref(ref, wide), origin.to(device, non_blocking=True), geometry, part.col0 * es // w))
+        return Launch(prepared, _ref(chunks[0], wide), chunk_origin.to(device, non_blocking=True),
+                      slots.to(device, non_blocking=True), len(jobs), heads, layers, tokens, row * es // w, w)
+
+    def run(self, launch: Launch, layers: range | None, to_chunk: bool) -> None:
+        """Copy ``layers`` (default: all) of a prepared launch; one kernel launch per K/V part."""
+        layers = layers if layers is not None else range(launch.layers)
+        if not len(layers):
+            return
+        tiles = -(-launch.tokens // self.BLOCK_T)
+        grid = (launch.jobs * tiles, len(layers) * launch.heads)
+        for kv_ref, origin, (block_size, s_block, s_head, s_tok, width), col0 in launch.parts:
             _copy_rows[grid](
-                kv_ref, origin, chunk_ref, chunk_origin, slots, tokens, tiles, layers, heads, ref.shape[2],
-                ref.stride(0) * es // w, ref.stride(1) * es // w, ref.stride(2) * es // w, row * es // w,
-                part.col0 * es // w, WIDTH=width, BLOCK_T=self.BLOCK_T, BLOCK_C=block_c, TO_CHUNK=to_chunk)
+                kv_ref, origin, launch.chunk_ref, launch.chunk_origin, launch.slots, launch.tokens, tiles,
+                launch.layers, layers.start, launch.heads, block_size, s_block, s_head, s_tok, launch.row, col0,
+                WIDTH=width, BLOCK_T=self.BLOCK_T, BLOCK_C=min(triton.next_power_of_2(width), 128),
+                TO_CHUNK=to_chunk)

@@ -207,12 +207,14 @@ class LMCacheConnector(KVConnectorBase_V1):
         self._worker.load(self._plans())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # start_load_kv loaded every layer already
+        # layerwise_load: this layer's copies were queued by start_load_kv; otherwise all are done already
+        self._worker.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
         return None  # all layers are stored together in wait_for_save, after the forward wrote them
 
     def wait_for_save(self) -> None:
+        self._worker.finish_loads()  # the forward is over: this step's loads are complete, their chunks free
         self._worker.save(self._plans())
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -71,6 +71,9 @@ class WorkerSide:
         # oldest announcements are forgotten first, and their evictions go unannounced)
         self._announced: OrderedDict[bytes, StoredChunk] = OrderedDict()
         self._events_lock = threading.Lock()
+        #: layer-by-layer loads of this step (layerwise_load), finished after the forward
+        self._inflight: list = []
+        self._layer_index: dict[str, int] = {n: i for i, n in enumerate(view.layer_names)}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.view.layer_names if n not in kv_caches]
@@ -97,8 +100,13 @@ class WorkerSide:
             n = plan.load_end // self.config.chunk_size
             try:
                 # chunks wholly below load_start are vLLM's already: not read at all
-                loaded = self._engine().retrieve_chunks(plan.chunk_keys[:n], self.kv, slots,
-                                                        first=plan.load_start // self.config.chunk_size)
+                first = plan.load_start // self.config.chunk_size
+                if self.config.layerwise_load:
+                    inflight = self._engine().retrieve_chunks_by_layer(plan.chunk_keys[:n], self.kv, slots, first)
+                    self._inflight.append(inflight)
+                    loaded = inflight.end
+                else:
+                    loaded = self._engine().retrieve_chunks(plan.chunk_keys[:n], self.kv, slots, first=first)
             except Exception as e:  # the engine must go on: report the blocks, vLLM recomputes them
                 log.error("lmcache: loading %s failed (%s: %s); its blocks are reported as load errors",
                           plan.req_id, type(e).__name__, e)
@@ -110,6 +118,18 @@ class WorkerSide:
                 self._load_errors |= plan.blocks_of(good, plan.load_end, self.view.block_size)
                 log.warning("lmcache: %s: %d of %d cached tokens could not be loaded (evicted or corrupt since the "
                             "lookup)", plan.req_id, plan.load_end - good, plan.load_end - plan.load_start)
+
+    def wait_layer(self, layer_name: str) -> None:
+        """Before layer ``layer_name``'s attention: its KV from this step's loads has arrived."""
+        index = self._layer_index.get(layer_name)
+        if index is not None:
+            for inflight in self._inflight:
+                inflight.wait_layer(index)
+
+    def finish_loads(self) -> None:
+        loads, self._inflight = self._inflight, []
+        for inflight in loads:
+            inflight.finish()
 
     def save(self, plans: list[RequestPlan]) -> None:
         cs = self.config.chunk_size
