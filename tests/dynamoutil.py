@@ -42,9 +42,10 @@ class DynamoIndexer:
                     raise RuntimeError(f"dynamo.indexer did not start:\n{self.log()}")
                 time.sleep(0.1)
 
-    def query(self, token_ids: list[int]) -> dict:
-        """{worker id: {"longest_matched", "gpu", "cpu", "disk"}} for a request with these tokens."""
-        body = json.dumps({"token_ids": token_ids, "model_name": "default"}).encode()
+    def query(self, token_ids: list[int], **namespace) -> dict:
+        """{worker id: {"longest_matched", "gpu", "cpu", "disk"}} for a request with these tokens (and
+        ``lora_name`` / ``cache_salt``)."""
+        body = json.dumps({"token_ids": token_ids, "model_name": "default", **namespace}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/query", data=body,
                                      headers={"Content-Type": "application/json"})
         return {int(k): v for k, v in json.loads(urllib.request.urlopen(req, timeout=10).read())["instances"].items()}
@@ -60,11 +61,11 @@ class DynamoIndexer:
                     tiers.setdefault(e["storage_tier"], set()).update(b["block_hash"] for b in stored["blocks"])
         return tiers
 
-    def wait_for(self, token_ids: list[int], check, timeout_s: float = 20.0) -> dict:
+    def wait_for(self, token_ids: list[int], check, timeout_s: float = 20.0, **namespace) -> dict:
         """Query until ``check(result)`` holds (events cross a socket and a thread), or fail with the last."""
         deadline = time.monotonic() + timeout_s
         while True:
-            got = self.query(token_ids)
+            got = self.query(token_ids, **namespace)
             if check(got):
                 return got
             if time.monotonic() > deadline:

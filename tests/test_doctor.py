@@ -168,3 +168,11 @@ def test_broken_plugin_is_named_and_the_rest_works(tmp_path):
     assert code == 1 and rows["plugin broken"]["status"] == "fail"
     assert "No module named 'no_such_module_here'" in rows["plugin broken"]["found"]
     assert rows["backend cpu"]["status"] == "ok"
+
+
+def test_router_events_name_is_checked():
+    code, _, rows = doctor("--set", "router_events=dynamo", "--skip-engines")
+    assert code == 0 and rows["router events"]["status"] == "ok" and "tcp://*:5558" in rows["router events"]["found"]
+    code, _, rows = doctor("--set", "router_events=acme", "--skip-engines")
+    assert code == 1 and rows["router events"]["status"] == "fail"
+    assert rows["router events"]["fix"].startswith("set it to one of dynamo")

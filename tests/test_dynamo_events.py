@@ -92,6 +92,25 @@ def test_dynamos_indexer_scores_the_worker_holding_the_prefix_in_lmcache(model_d
         engine.close()
 
 
+def test_a_salted_prompt_matches_only_requests_with_the_same_salt(model_dir):
+    """A request's cache_salt travels with its events, so Dynamo hashes its blocks in the same namespace as
+    the router hashes a request carrying that salt, and never as unsalted tokens."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    engine, router = engine_with_router(model_dir, endpoint)
+    indexer = DynamoIndexer(BS, {WORKER: endpoint})
+    try:
+        assert router.wait_for_subscriber(30)
+        engine.add("S", prompt(200), cache_salt="tenant-a")
+        engine.run()
+        got = indexer.wait_for(prompt(200), lambda r: r.get(WORKER, {}).get("cpu") == 192, cache_salt="tenant-a")
+        assert got[WORKER]["longest_matched"] == 192
+        for other in ({}, {"cache_salt": "tenant-b"}):
+            assert indexer.query(prompt(200), **other).get(WORKER, {}).get("longest_matched", 0) == 0
+    finally:
+        indexer.close()
+        engine.close()
+
+
 def test_evictions_move_the_score_from_cpu_to_disk(model_dir, tmp_path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     # 8 KiB chunks in a ~420 KiB CPU pool: ten more prompts push the first one's chunks to disk

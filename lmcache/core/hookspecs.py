@@ -133,10 +133,13 @@ class RouterEventPublisher(Protocol):
 
     block_size: int
 
-    def block_hashes(self, token_ids: list[int], parent: int | None) -> list[int]:
-        """The router's chained hashes of each full block of ``token_ids``, continuing from ``parent``."""
+    def block_hashes(self, token_ids: list[int], parent: int | None, lora_name: str | None = None,
+                     cache_salt: str | None = None) -> list[int]:
+        """The router's chained hashes of each full block of ``token_ids``, continuing from ``parent``, in the
+        request's namespace (LoRA adapter, cache salt)."""
 
-    def stored(self, block_hashes: list[int], parent: int | None, token_ids: list[int], tier: str) -> None: ...
+    def stored(self, block_hashes: list[int], parent: int | None, token_ids: list[int], tier: str,
+               lora_name: str | None = None, cache_salt: str | None = None) -> None: ...
 
     def removed(self, block_hashes: list[int], tier: str) -> None: ...
 

@@ -78,6 +78,7 @@ def config_and_tiers(config_path: str | None, overrides: dict) -> Iterator[Check
     yield from _memory(cfg)
     yield from _disk(cfg)
     yield from _remote(cfg)
+    yield from _router_events(cfg)
 
 
 def _memory(cfg) -> Iterator[Check]:
@@ -124,6 +125,23 @@ def _disk(cfg) -> Iterator[Check]:
     status = OK if room >= want else WARN
     yield Check("disk tier", status, f"{cfg.local_disk_path}: writable, {len(tier)} chunks stored, {free / GiB:.1f} GiB free",
                 "" if status == OK else f"lower max_local_disk_size_gb to {room / GiB:.0f} or free space")
+
+
+def _router_events(cfg) -> Iterator[Check]:
+    if not cfg.router_events:
+        yield Check("router events", OK, "off (router_events is empty)")
+        return
+    routers = get_registry().routers
+    if cfg.router_events not in routers:
+        yield Check("router events", FAIL, f"router_events '{cfg.router_events}' is not registered",
+                    f"set it to one of {', '.join(sorted(routers)) or '(none installed)'}, or empty")
+        return
+    endpoint = cfg.router_events_endpoint
+    if endpoint.startswith("tcp://") and not endpoint.rpartition(":")[2].isdigit():
+        yield Check("router events", FAIL, f"router_events_endpoint {endpoint!r} has no port", "e.g. tcp://*:5558")
+        return
+    yield Check("router events", OK, f"'{cfg.router_events}': each engine's scheduler publishes on {endpoint} "
+                f"(data-parallel rank r on port + r); {routers[cfg.router_events].doc}")
 
 
 def _remote(cfg) -> Iterator[Check]:

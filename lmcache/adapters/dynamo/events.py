@@ -49,10 +49,14 @@ def local_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
             for i in range(n)]
 
 
-def sequence_hashes(local: list[int], parent: int | None) -> list[int]:
-    """Dynamo's chained sequence hashes (signed int64) of blocks with these local hashes after ``parent``."""
+def sequence_hashes(local: list[int], parent: int | None, namespace: str | None = None) -> list[int]:
+    """Dynamo's chained sequence hashes (signed int64) of blocks with these local hashes after ``parent``.
+    A namespace (LoRA adapter, cache salt) seeds the chain, so its blocks never share an identity with the
+    same tokens outside it (Dynamo derives its own namespaced token hashes from the event's fields)."""
     out = []
     prev = None if parent is None else parent % _U64
+    if prev is None and namespace:
+        prev = xxhash.xxh3_64_intdigest(namespace.encode(), seed=SEED)
     for h in local:
         prev = h if prev is None else xxhash.xxh3_64_intdigest(struct.pack("<QQ", prev, h), seed=SEED)
         out.append(_signed(prev))
@@ -88,14 +92,22 @@ class DynamoEventPublisher:
 
     # -- RouterEventPublisher -------------------------------------------------------------------------
 
-    def block_hashes(self, token_ids: list[int], parent: int | None) -> list[int]:
-        return sequence_hashes(local_block_hashes(token_ids, self.block_size), parent)
+    def block_hashes(self, token_ids: list[int], parent: int | None, lora_name: str | None = None,
+                     cache_salt: str | None = None) -> list[int]:
+        namespace = "\x1f".join((lora_name or "", cache_salt or "")) if lora_name or cache_salt else None
+        return sequence_hashes(local_block_hashes(token_ids, self.block_size), parent, namespace)
 
-    def stored(self, block_hashes: list[int], parent: int | None, token_ids: list[int], tier: str) -> None:
+    def stored(self, block_hashes: list[int], parent: int | None, token_ids: list[int], tier: str,
+               lora_name: str | None = None, cache_salt: str | None = None) -> None:
         n = len(block_hashes) * self.block_size
-        self._send([{"type": "BlockStored", "block_hashes": list(block_hashes), "parent_block_hash": parent,
-                     "token_ids": list(token_ids[:n]), "block_size": self.block_size, "lora_id": None,
-                     "medium": MEDIUM[tier]}])
+        event = {"type": "BlockStored", "block_hashes": list(block_hashes), "parent_block_hash": parent,
+                 "token_ids": list(token_ids[:n]), "block_size": self.block_size, "lora_id": None,
+                 "medium": MEDIUM[tier]}
+        if lora_name:
+            event["lora_name"] = lora_name  # Dynamo hashes the blocks of an adapter apart from the base model's
+        if cache_salt:
+            event["cache_salt"] = cache_salt
+        self._send([event])
 
     def removed(self, block_hashes: list[int], tier: str) -> None:
         self._send([{"type": "BlockRemoved", "block_hashes": list(block_hashes), "medium": MEDIUM[tier]}])

@@ -180,7 +180,7 @@ class LMCacheConnector(KVConnectorBase_V1):
                 self._router.removed(list(chunk.router_hashes), "cpu")
             else:
                 self._router.stored(list(chunk.router_hashes), chunk.router_parent, list(chunk.token_ids),
-                                    chunk.medium)
+                                    chunk.medium, chunk.lora_name, chunk.cache_salt)
         except Exception as e:  # routing hints are advisory: never fail a step over one
             log.warning("lmcache: router event not published: %s: %s", type(e).__name__, e)
 

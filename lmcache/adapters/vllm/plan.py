@@ -33,6 +33,9 @@ class RequestPlan:
     #: block before them (computed by the scheduler, which has the whole prompt)
     router_hashes: list[int] = field(default_factory=list)
     router_parent: int | None = None
+    #: the request's namespace as the router hashes it
+    lora_name: str | None = None
+    cache_salt: str | None = None
 
     def slot_mapping(self, block_size: int, num_tokens: int) -> torch.Tensor:
         """Slot of each token [0, num_tokens): ``block_ids[pos // block_size] * block_size + pos % block_size``.

@@ -19,8 +19,9 @@ log = logging.getLogger("lmcache")
 
 #: lookup(chunk_keys) -> how many leading chunks are loadable now, for every TP shard
 Lookup = Callable[[list[bytes]], int]
-#: router_hash(token_ids, parent) -> a KV-aware router's chained hashes of the full blocks of token_ids
-RouterHash = Callable[[list[int], "int | None"], list[int]]
+#: router_hash(token_ids, parent, lora_name, cache_salt) -> a KV-aware router's chained hashes of the full
+#: blocks of token_ids
+RouterHash = Callable[[list[int], "int | None", "str | None", "str | None"], list[int]]
 
 
 @dataclass
@@ -166,10 +167,14 @@ class SchedulerSide:
                 plan.block_hashes = [bytes(h) for h in hashes[b0:b1]]
                 plan.parent_hash = bytes(hashes[b0 - 1]) if b0 > 0 else None
         if self._router_hash is not None:
+            lora = getattr(t.request, "lora_request", None)
+            plan.lora_name = getattr(lora, "lora_name", None) if lora is not None else None
+            plan.cache_salt = getattr(t.request, "cache_salt", None) or None
             have = len(t.router_hashes)
             if have < b1:  # chained from the prompt's start: each block is hashed once per request
                 t.router_hashes += self._router_hash(list(tokens[have * bs : b1 * bs]),
-                                                     t.router_hashes[-1] if have else None)
+                                                     t.router_hashes[-1] if have else None,
+                                                     plan.lora_name, plan.cache_salt)
             plan.router_hashes = t.router_hashes[b0:b1]
             plan.router_parent = t.router_hashes[b0 - 1] if b0 > 0 else None
         if plan.block_hashes or plan.router_hashes:

@@ -40,6 +40,8 @@ class StoredChunk:
     medium: str | None = "cpu"
     router_hashes: tuple[int, ...] = ()
     router_parent: int | None = None
+    lora_name: str | None = None
+    cache_salt: str | None = None
 
     def moved(self, medium: str | None) -> "StoredChunk":
         return dataclasses.replace(self, medium=medium)
@@ -174,6 +176,8 @@ class WorkerSide:
                 router_hashes=tuple(plan.router_hashes[blocks]),
                 router_parent=(plan.router_hashes[j * per - 1] if j > 0 else plan.router_parent)
                 if plan.router_hashes else None,
+                lora_name=plan.lora_name,
+                cache_salt=plan.cache_salt,
             ))
         return out
 
