@@ -138,6 +138,32 @@ def test_evictions_move_the_score_from_cpu_to_disk(model_dir, tmp_path):
         engine.close()
 
 
+def test_mp_mode_announces_the_servers_evictions(model_dir, tmp_path):
+    """In mp mode the server evicts; the engine reads the server's eviction log each step and announces
+    the chunks it had announced: Dynamo's score moves from the CPU tier to disk as in-process."""
+    from lmcache.server.launch import ChildServer
+
+    server = ChildServer(CS, 0.001, "--disk-path", str(tmp_path / "disk"))  # 1 MiB: 128 chunks of 8 KiB
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    engine, router = engine_with_router(model_dir, endpoint, mode="mp", server_url=server.url)
+    indexer = DynamoIndexer(BS, {WORKER: endpoint})
+    try:
+        assert router.wait_for_subscriber(30)
+        first = prompt(200, seed=1)
+        engine.add("A", first)
+        engine.run()
+        indexer.wait_for(first, lambda r: r.get(WORKER, {}).get("cpu") == 192)
+        for seed in range(2, 26):  # 24 more prompts of 6 chunks push A's chunks out of the server's CPU tier
+            engine.add(f"R{seed}", prompt(200, seed=seed))
+            engine.run()
+        got = indexer.wait_for(first, lambda r: r[WORKER]["cpu"] < 192)
+        assert got[WORKER]["cpu"] == 0 and got[WORKER]["disk"] == 192
+    finally:
+        indexer.close()
+        engine.close()
+        server.stop()
+
+
 def test_router_config_errors_are_one_clear_line():
     with pytest.raises(ValueError, match="router_events 'acme' is not registered: .*dynamo"):
         open_router_events(LMCacheConfig().replace(router_events="acme"), BS)

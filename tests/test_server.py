@@ -249,3 +249,28 @@ def test_a_client_stalled_past_the_hard_limit_loses_its_lease(server, tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_engines_read_the_servers_eviction_log(tmp_path):
+    """The server evicts in mp mode; an engine that announces evictions (KV events) reads them from the
+    server's log: each chunk once, with where it went, and only those after it started reading."""
+    from tierutil import CHUNK_BYTES
+
+    s = ServerProcess("--cpu-size-gb", f"{8 * CHUNK_BYTES / 2**30:.9f}", "--disk-path", str(tmp_path / "d")).start()
+    try:
+        old = mp(s.url)
+        store(old, prompt(64, 7), seed=7)  # before the reader starts: not reported
+        reader = mp(s.url)
+        seen = []
+        reader.stack.eviction_listeners.append(lambda key, where: seen.append((str(key), where)))
+        assert reader.stack.poll_evictions() == 0  # starts reading from now
+        first = prompt(128, 1)
+        store(reader, first, seed=1)  # 8 chunks: the pool is full
+        store(reader, prompt(64, 2), seed=2)  # 4 more push the 4 oldest out, to disk
+        assert reader.stack.poll_evictions() == len(seen) and len(seen) >= 4
+        assert all(where == "disk" for _, where in seen) and len(set(seen)) == len(seen)
+        evicted_now = {k for k, _ in seen}
+        assert reader.stack.poll_evictions() == 0  # nothing new: each eviction is read once
+        assert evicted_now.isdisjoint(str(reader.object_key(k)) for k in reader.hasher().keys(prompt(64, 2)))
+    finally:
+        s.stop()

@@ -75,6 +75,9 @@ class ServerStack:
         self._down_logged = False
         self._next_id = 1
         self._lock = threading.RLock()
+        #: called (key, "disk" | None) for chunks that left the server's CPU tier; fed by poll_evictions
+        self.eviction_listeners: list = []
+        self._evicted_cursor = -1
 
     # -- connection ---------------------------------------------------------------------------------
 
@@ -258,6 +261,25 @@ class ServerStack:
     def prefetch(self, okeys: Iterable[ObjectKey]) -> int:
         got = self._call("prefetch", keys=[str(k) for k in okeys])
         return 0 if got is None else got[0]["cpu"]
+
+    def poll_evictions(self) -> int:
+        """Tell ``eviction_listeners`` which chunks left the server's CPU tier since the last poll (the
+        server evicts, not this engine: it keeps a log engines read). Returns how many were reported."""
+        if not self.eviction_listeners:
+            return 0
+        got = self._call("evicted", since=self._evicted_cursor)
+        if got is None:
+            return 0
+        reply = got[0]
+        if reply["lost"]:
+            log.info("lmcache: some evictions happened too long ago to be announced (the server keeps the last %d)",
+                     len(reply["records"]))
+        self._evicted_cursor = reply["next"]
+        for _, key, where in reply["records"]:
+            okey = ObjectKey.parse(key)
+            for listener in list(self.eviction_listeners):
+                listener(okey, where)
+        return len(reply["records"])
 
     def flush(self) -> None:
         pass  # write-back happens in the server

@@ -19,6 +19,8 @@ Ops (fields -> reply fields):
     prefetch keys [str]                                 -> cpu (how many leading keys are now in the CPU tier)
     stats    -                                          -> tiers {name: counters}, clients, pool
     clear    -                                          -> cleared
+    evicted  since int                                  -> records [[seq, key, "disk" | null]], next, lost
+                                                           (chunks that left the CPU tier: for KV events)
 
 Keys are ``ObjectKey`` strings (chunk key hex @ head range). Offsets are byte offsets into the shared
 pool. A lease holds references on pool memory until committed/released, or until it expires
@@ -33,7 +35,8 @@ from typing import Any
 import msgspec
 
 PROTOCOL_VERSION = 1
-OPS = ("hello", "lookup", "reserve", "commit", "abort", "acquire", "release", "put", "get", "prefetch", "stats", "clear")
+OPS = ("hello", "lookup", "reserve", "commit", "abort", "acquire", "release", "put", "get", "prefetch", "stats", "clear",
+       "evicted")
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(dict)

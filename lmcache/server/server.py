@@ -14,6 +14,7 @@ import socket
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from lmcache.server.shm import SharedBuffer
 
 log = logging.getLogger("lmcache")
 MAX_KEYS = 1 << 16
+EVICTION_LOG = 1 << 16  # evictions kept for engines that poll them (a few MiB at most)
 # A lease whose client process is still alive is extended, up to this many lease timeouts: memory a live
 # client may still write or read is not handed to anyone else while it can still use it.
 HARD_LEASE_FACTOR = 10  # per request: a 16M-token prompt at chunk 256; more is an error, not a hang
@@ -107,6 +109,11 @@ class CacheServer:
         self._next_lease = 1
         self.counters = {"requests": 0, "errors": 0, "bad_messages": 0, "expired_leases": 0}
         self._observers: list = []  # callbacks (op, seconds), e.g. the metrics histograms
+        # chunks that left the CPU tier, newest last, for engines that announce evictions (KV events)
+        self._evicted: deque[tuple[int, str, str | None]] = deque(maxlen=EVICTION_LOG)
+        self._evicted_seq = 0
+        self._evicted_lock = threading.Lock()
+        self.stack.eviction_listeners.append(self._on_evict)
         self._stop = threading.Event()
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -377,6 +384,22 @@ class CacheServer:
     def _op_prefetch(self, msg, frames, identity):
         self._session(msg)
         return {"cpu": self.stack.prefetch(self._keys(msg))}, []
+
+    def _on_evict(self, okey, where: str | None) -> None:
+        with self._evicted_lock:  # called by whichever thread made room in the CPU tier
+            self._evicted_seq += 1
+            self._evicted.append((self._evicted_seq, str(okey), where))
+
+    def _op_evicted(self, msg, frames, identity):
+        self._session(msg)
+        since = need(msg, "since", int)
+        with self._evicted_lock:
+            if since < 0:  # a new reader: from now on
+                return {"records": [], "next": self._evicted_seq, "lost": False}, []
+            records = [list(r) for r in self._evicted if r[0] > since]
+            oldest = self._evicted[0][0] if self._evicted else self._evicted_seq + 1
+            # a reader further behind than the log reaches has missed some evictions
+            return {"records": records, "next": self._evicted_seq, "lost": since + 1 < oldest}, []
 
     def _op_stats(self, msg, frames, identity):
         self._session(msg)
