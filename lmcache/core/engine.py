@@ -16,7 +16,7 @@ import torch
 
 from lmcache.core.chunk_format import ChunkHeader, header_for
 from lmcache.core.config import LMCacheConfig
-from lmcache.core.convert import plan_slots
+from lmcache.core.convert import plan_chunks
 from lmcache.core.geometry import ModelIdentity
 from lmcache.core.keys import ChunkHasher, ObjectKey
 from lmcache.core.layouts import KVLayout, LayoutError
@@ -201,7 +201,13 @@ class CacheEngine:
             elif slot is None:
                 result.dropped_chunks += 1
             else:
-                pending.append((i, okey, header, slot, plan_slots(kv, slot_mapping[i * cs : (i + 1) * cs])))
+                pending.append([i, okey, header, slot])
+        try:
+            for p, plan in zip(pending, plan_chunks(kv, slot_mapping, [p[0] for p in pending], cs)):
+                p.append(plan)
+        except BaseException:
+            self.stack.abort(p[3] for p in pending)
+            raise
         try:
             self.backend.gather(kv, [(plan, obj.tensor(h.dtype, h.payload_shape)) for _, _, h, obj, plan in pending])
             self.backend.synchronize()
@@ -232,10 +238,8 @@ class CacheEngine:
         n = min(len(slot_mapping) // cs, len(chunk_keys))
         entries = self.stack.acquire_prefix(self.object_key(chunk_keys[i]) for i in range(first, n))
         try:
-            jobs = []
-            for j, entry in enumerate(entries):
-                i = first + j
-                jobs.append((plan_slots(kv, slot_mapping[i * cs : (i + 1) * cs]), entry.payload()))
+            plans = plan_chunks(kv, slot_mapping, list(range(first, first + len(entries))), cs)
+            jobs = [(p, e.payload()) for p, e in zip(plans, entries)]
             self.backend.scatter(kv, [(p, c) for p, c in jobs if p.slots.numel()])
             self.backend.synchronize()
         finally:
@@ -255,8 +259,8 @@ class CacheEngine:
         n = min(len(slot_mapping) // cs, len(chunk_keys))
         entries = self.stack.acquire_prefix(self.object_key(chunk_keys[i]) for i in range(first, n))
         try:
-            jobs = [(plan_slots(kv, slot_mapping[(first + j) * cs : (first + j + 1) * cs]), e.payload())
-                    for j, e in enumerate(entries)]
+            plans = plan_chunks(kv, slot_mapping, list(range(first, first + len(entries))), cs)
+            jobs = [(p, e.payload()) for p, e in zip(plans, entries)]
             jobs = [(p, c) for p, c in jobs if p.slots.numel()]
             by_layer = getattr(self.backend, "scatter_by_layer", None)
             if by_layer is not None and jobs:

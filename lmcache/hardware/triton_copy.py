@@ -166,13 +166,16 @@ class TritonCopier:
         es = kv.dtype.itemsize
         wide = _INT[w]
         device = kv.device
-        slots = torch.full((len(jobs), tokens), -1, dtype=torch.int64)
-        for j, (plan, _) in enumerate(jobs):  # the plan's slots, back in chunk-token positions
-            s = plan.host_slots if plan.host_slots is not None else plan.slots.to("cpu")
-            if plan.positions is None:
-                slots[j, : s.numel()] = s
-            else:
-                slots[j, plan.host_positions if plan.host_positions is not None else plan.positions.to("cpu")] = s
+        if all(p.positions is None and p.host_slots is not None and p.host_slots.numel() == tokens for p, _ in jobs):
+            slots = torch.stack([p.host_slots for p, _ in jobs])  # the common case: one op for all chunks
+        else:
+            slots = torch.full((len(jobs), tokens), -1, dtype=torch.int64)
+            for j, (plan, _) in enumerate(jobs):  # the plan's slots, back in chunk-token positions
+                s = plan.host_slots if plan.host_slots is not None else plan.slots.to("cpu")
+                if plan.positions is None:
+                    slots[j, : s.numel()] = s
+                else:
+                    slots[j, plan.host_positions if plan.host_positions is not None else plan.positions.to("cpu")] = s
         chunk_origin = torch.tensor([(c.data_ptr() - chunks[0].data_ptr()) // w for c in chunks], dtype=torch.int64)
         prepared = []
         for part in parts:
