@@ -85,3 +85,17 @@ def test_outside_plugin_is_found_and_used_and_failures_are_named(plugin_site):
     assert e.backend.name == "acme"
     e.store([1, 2, 3, 4], vllm_layout("LBNHC", g, 4, 4), torch.arange(4))
     assert type(e.backend).calls == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend serves cuda tensors here: no fallback")
+def test_falling_back_to_reference_ops_says_why(caplog):
+    import logging
+
+    from lmcache.core.plugins import get_registry
+
+    with caplog.at_level(logging.WARNING, logger="lmcache"):
+        backend = select_backend("auto", "cuda", get_registry())
+    assert backend.name == "cpu"
+    (message,) = [r.getMessage() for r in caplog.records if "reference ops" in r.getMessage()]
+    ok, why = get_registry().hardware["cuda"].available()
+    assert not ok and f"cuda: {why}" in message

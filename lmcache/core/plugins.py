@@ -122,8 +122,11 @@ def select_backend(name: str, device_type: str, registry: Registry | None = None
         raise ValueError(f"no hardware backend can handle KV memory on '{device_type}'; registered: {', '.join(sorted(registry.hardware))}")
     best = max(candidates, key=lambda b: b.priority)
     if best.name == "cpu" and device_type != "cpu":
-        log.warning("lmcache: no accelerator backend for %s tensors is available; using the torch reference "
-                    "ops of the 'cpu' backend, which are correct but slower (run 'lmcache doctor' for why)", device_type)
+        why = "; ".join(f"{b.name}: {b.available()[1]}" for b in registry.hardware.values()
+                        if device_type in b.device_types and b.name != "cpu") or "none is installed"
+        log.warning("lmcache: no accelerator backend for %s tensors is available (%s); using the torch reference "
+                    "ops of the 'cpu' backend, which are correct but slower ('lmcache doctor' has more)",
+                    device_type, why)
     return best
 
 
