@@ -268,7 +268,9 @@ def test_engines_read_the_servers_eviction_log(tmp_path):
         store(reader, first, seed=1)  # 8 chunks: the pool is full
         store(reader, prompt(64, 2), seed=2)  # 4 more push the 4 oldest out, to disk
         assert reader.stack.poll_evictions() == len(seen) and len(seen) >= 4
-        assert all(where == "disk" for _, where in seen) and len(set(seen)) == len(seen)
+        # "disk": handed to the disk tier's write-back; None: gone (write-back may pin only a quarter of this
+        # tiny pool, so under load some are dropped - the log says which)
+        assert {where for _, where in seen} <= {"disk", None} and len(set(seen)) == len(seen)
         evicted_now = {k for k, _ in seen}
         assert reader.stack.poll_evictions() == 0  # nothing new: each eviction is read once
         assert evicted_now.isdisjoint(str(reader.object_key(k)) for k in reader.hasher().keys(prompt(64, 2)))
