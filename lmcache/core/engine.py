@@ -233,19 +233,27 @@ class CacheEngine:
         """Load the cached prefix of the chunks named by ``chunk_keys`` (see ``store_chunks``), starting at
         chunk ``first`` (earlier chunks are not read: the caller holds them already). Returns the end, in
         tokens, of what is now loaded; a chunk missing or corrupt in every tier ends it."""
+        entries, jobs = self._acquire_jobs(chunk_keys, kv, slot_mapping, first)
+        try:
+            self.backend.scatter(kv, jobs)
+            self.backend.synchronize()
+        finally:
+            self.stack.release_many(entries)
+        self.stats.retrieved_tokens += len(entries) * self.chunk_size
+        return (first + len(entries)) * self.chunk_size
+
+    def _acquire_jobs(self, chunk_keys: Sequence[bytes], kv: KVLayout, slot_mapping: torch.Tensor, first: int):
+        """The cached prefix's entries (acquired: the caller releases them) and their scatter jobs."""
         self._check(kv, None, slot_mapping)
         cs = self.chunk_size
         n = min(len(slot_mapping) // cs, len(chunk_keys))
         entries = self.stack.acquire_prefix(self.object_key(chunk_keys[i]) for i in range(first, n))
         try:
             plans = plan_chunks(kv, slot_mapping, list(range(first, first + len(entries))), cs)
-            jobs = [(p, e.payload()) for p, e in zip(plans, entries)]
-            self.backend.scatter(kv, [(p, c) for p, c in jobs if p.slots.numel()])
-            self.backend.synchronize()
-        finally:
+        except BaseException:
             self.stack.release_many(entries)
-        self.stats.retrieved_tokens += len(entries) * cs
-        return (first + len(entries)) * cs
+            raise
+        return entries, [(p, e.payload()) for p, e in zip(plans, entries) if p.slots.numel()]
 
     def retrieve_chunks_by_layer(self, chunk_keys: Sequence[bytes], kv: KVLayout, slot_mapping: torch.Tensor,
                                  first: int = 0) -> "LayerwiseLoad":
@@ -254,14 +262,9 @@ class CacheEngine:
         ``wait_layer(i)`` makes the caller's stream wait for layer i only. ``finish()`` once the forward is
         done (it waits for the copies and releases the chunks). Backends without per-layer copies load
         every layer here."""
-        self._check(kv, None, slot_mapping)
+        entries, jobs = self._acquire_jobs(chunk_keys, kv, slot_mapping, first)
         cs = self.chunk_size
-        n = min(len(slot_mapping) // cs, len(chunk_keys))
-        entries = self.stack.acquire_prefix(self.object_key(chunk_keys[i]) for i in range(first, n))
         try:
-            plans = plan_chunks(kv, slot_mapping, list(range(first, first + len(entries))), cs)
-            jobs = [(p, e.payload()) for p, e in zip(plans, entries)]
-            jobs = [(p, c) for p, c in jobs if p.slots.numel()]
             by_layer = getattr(self.backend, "scatter_by_layer", None)
             if by_layer is not None and jobs:
                 events = by_layer(kv, jobs)
