@@ -52,6 +52,22 @@ def sglang_layout(geometry: KVGeometry, num_slots: int, seed: int = 0, heads: in
     return TokenSlotKV(k, v, head_start)
 
 
+def sglang_host_layout(geometry: KVGeometry, num_slots: int, seed: int = 0, order: str = "layer_first") -> TokenSlotKV:
+    """SGLang's HiCache host pool: ONE kv_buffer, (2, L, size, H, D) layer_first or (2, size, L, H, D)
+    page_first (MLA: no leading 2), seen through lmcache.adapters.sglang.host_layout as strided token views."""
+    from lmcache.adapters.sglang.host_layout import token_slots
+
+    L, H = geometry.num_layers, geometry.num_kv_heads
+    mla = geometry.kind == KIND_MLA
+    if not mla and geometry.k_dim != geometry.v_dim:
+        return sglang_layout(geometry, num_slots, seed)  # SGLang's host pool needs K and V of one width
+    d = geometry.row_dim if mla else geometry.k_dim
+    inner = (num_slots, L) if order == "page_first" else (L, num_slots)
+    shape = (*inner, 1 if mla else H, d) if mla else (2, *inner, H, d)
+    buffer = random_bits(torch.empty(shape, dtype=geometry.dtype), seed)
+    return token_slots(buffer, order, mla, 0)
+
+
 def read_token(kv, slot: int, layer: int) -> torch.Tensor:
     """The [H, row_dim] bits of one token of one layer, read the most obvious way."""
     if isinstance(kv, BlockPagedKV):

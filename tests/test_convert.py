@@ -6,14 +6,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kvutil import DTYPES, VLLM_ORDERS, read_token, same_tokens, sglang_layout, slots_for, vllm_layout
+from kvutil import DTYPES, VLLM_ORDERS, read_token, same_tokens, sglang_host_layout, sglang_layout, slots_for, vllm_layout
 
 from lmcache.core import convert
 from lmcache.core.config import load_config
 from lmcache.core.engine import CacheEngine
 from lmcache.core.geometry import KIND_MLA, KIND_MHA, KVGeometry, ModelIdentity
 
-LAYOUTS = [*VLLM_ORDERS, "sglang"]
+LAYOUTS = [*VLLM_ORDERS, "sglang", "sglang-host/layer_first", "sglang-host/page_first"]
 
 
 @st.composite
@@ -29,6 +29,8 @@ def geometries(draw):
 def build(kind: str, geometry: KVGeometry, num_slots: int, block_size: int, seed: int):
     if kind == "sglang":
         return sglang_layout(geometry, num_slots, seed)
+    if kind.startswith("sglang-host/"):
+        return sglang_host_layout(geometry, num_slots, seed, kind.split("/")[1])
     return vllm_layout(kind, geometry, num_slots // block_size, block_size, seed)
 
 
@@ -149,6 +151,14 @@ def _head_shard(kv, start: int, count: int):
     if isinstance(kv, BlockPagedKV):
         return BlockPagedKV([t[:, start : start + count] for t in kv.layers], head_start=start)
     return TokenSlotKV([t[:, start : start + count] for t in kv.k], [t[:, start : start + count] for t in kv.v], start)
+
+
+def test_sglang_host_pool_takes_the_whole_chunk_path():
+    g = KVGeometry(3, 2, 8, 8, torch.bfloat16)
+    for order in ("layer_first", "page_first"):
+        assert convert.token_row_map(sglang_host_layout(g, 64, 0, order)) is not None, order
+    assert convert.token_row_map(sglang_layout(g, 64)) is None  # per-layer allocations
+    assert convert.token_row_map(sglang_host_layout(KVGeometry(2, 1, 12, 0, torch.float16, KIND_MLA), 64)) is not None
 
 
 def test_whole_chunk_fast_path_applies_to_one_allocation_only():

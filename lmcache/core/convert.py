@@ -209,6 +209,55 @@ def _build_row_map(kv: BlockPagedKV) -> RowMap | None:
     return RowMap(rows, base, sb // c, sn // c, kv.block_size, by_slot)
 
 
+@dataclass(frozen=True)
+class TokenRowMap:
+    """A TokenSlotKV whose K and V pools (every layer) are strided views of one allocation - SGLang's host
+    pool ``kv_buffer`` - seen as one table of rows: row(head, layer, K|V, slot) is affine, so a whole chunk
+    moves with one index_select / index_copy_, as ``RowMap`` does for vLLM's layout."""
+
+    rows: torch.Tensor  # [R, D'] over the whole allocation, widened
+    base: torch.Tensor  # [H, L, 1, P]: row of (head, layer, part) at slot 0; P = 2 (K, V) or 1 (MLA)
+    slot_stride: int
+
+    def index(self, slots: torch.Tensor) -> torch.Tensor:
+        return (self.base + (slots * self.slot_stride).view(1, 1, -1, 1)).reshape(-1)  # canonical order
+
+
+def token_row_map(kv: TokenSlotKV) -> TokenRowMap | None:
+    cached = kv.__dict__.get("_row_map", False)
+    if cached is False:
+        cached = kv.__dict__["_row_map"] = _build_token_row_map(kv)
+    return cached
+
+
+def _build_token_row_map(kv: TokenSlotKV) -> TokenRowMap | None:
+    parts = [kv.k] if kv.v is None else [kv.k, kv.v]
+    first = kv.k[0]
+    storage = first.untyped_storage()
+    tensors = [t for part in parts for t in part]
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() or t.stride() != first.stride()
+           or t.shape[1:] != first.shape[1:] for t in tensors):
+        return None  # separate allocations, or K and V rows of different widths
+    try:
+        (wide,) = _widen(first)
+    except TypeError:
+        return None
+    d = wide.shape[2]
+    ratio = wide.element_size() // first.element_size()
+    if wide.stride(2) != 1 or any(t.storage_offset() % (d * ratio) for t in tensors):
+        return None
+    s_slot, s_head = wide.stride(0), wide.stride(1)
+    if s_slot % d or s_head % d:
+        return None
+    rows = torch.empty(0, dtype=wide.dtype, device=first.device).set_(
+        storage, 0, (storage.nbytes() // (d * wide.element_size()), d), (d, 1))
+    origin = torch.tensor([[t.storage_offset() // (d * ratio) for t in part] for part in parts],
+                          device=first.device)  # [P, L]
+    heads = torch.arange(kv.num_heads, device=first.device) * (s_head // d)
+    base = (heads.view(-1, 1, 1, 1) + origin.t().reshape(1, len(kv.k), 1, len(parts))).contiguous()
+    return TokenRowMap(rows, base, s_slot // d)
+
+
 def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> None:
     """Copy the planned tokens of ``layers`` from ``kv`` into canonical ``out`` ``[heads, L, T, row_dim]``."""
     if plan.positions is not None:
@@ -216,8 +265,7 @@ def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> No
     if isinstance(kv, BlockPagedKV) and len(layers) == len(kv.layers) and out.is_contiguous():
         rm = row_map(kv)
         if rm is not None:
-            (dst,) = _widen(out)
-            flat = dst.view(-1, rm.rows.shape[1])
+            flat = out.view(rm.rows.dtype).view(-1, rm.rows.shape[1])  # rows as wide as the engine's
             if flat.device == rm.rows.device:
                 torch.index_select(rm.rows, 0, rm.index(plan.slots), out=flat)
             else:  # engine memory on an accelerator, chunk in (pinned) host memory: gather there, then one copy
@@ -226,6 +274,16 @@ def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> No
                 flat.copy_(tmp, non_blocking=True)
             return
     if not isinstance(kv, BlockPagedKV):
+        tm = token_row_map(kv) if len(layers) == len(kv.k) and out.is_contiguous() else None
+        if tm is not None:
+            flat = out.view(tm.rows.dtype).view(-1, tm.rows.shape[1])  # rows as wide as the pool's
+            if flat.device == tm.rows.device:
+                torch.index_select(tm.rows, 0, tm.index(plan.slots), out=flat)
+            else:
+                tmp = _scratch(flat.numel(), flat.dtype, tm.rows.device).view_as(flat)
+                torch.index_select(tm.rows, 0, tm.index(plan.slots), out=tmp)
+                flat.copy_(tmp, non_blocking=True)
+            return
         _gather_token_slots(kv, plan.slots, out, layers)
         return
     for layer in layers:
@@ -268,13 +326,18 @@ def scatter(kv: KVLayout, plan: SlotPlan, chunk: torch.Tensor, layers: range) ->
     if isinstance(kv, BlockPagedKV) and len(layers) == len(kv.layers):
         rm = row_map(kv)
         if rm is not None:
-            (src,) = _widen(chunk.contiguous())
+            src = chunk.contiguous().view(rm.rows.dtype)
             if rm.by_slot is not None:  # [H, L, T, C'] -> [L, T, H, C'] written slot by slot
                 rm.by_slot.index_copy_(1, plan.slots, src.permute(1, 2, 0, 3))
             else:
                 rm.rows.index_copy_(0, rm.index(plan.slots), src.view(-1, rm.rows.shape[1]))
             return
     if not isinstance(kv, BlockPagedKV):
+        tm = token_row_map(kv) if len(layers) == len(kv.k) else None
+        if tm is not None:
+            src = chunk.contiguous().view(tm.rows.dtype)
+            tm.rows.index_copy_(0, tm.index(plan.slots), src.view(-1, tm.rows.shape[1]))
+            return
         _scatter_token_slots(kv, plan.slots, chunk, layers)
         return
     for layer in layers:
