@@ -6,6 +6,29 @@ import argparse
 import logging
 import os
 import signal
+import sys
+
+
+def _port(allow_zero: bool):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+        if not (0 if allow_zero else 1) <= value <= 65535:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {'0 (off) or ' if allow_zero else ''}1..65535")
+        return value
+    return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value:g} must be > 0")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,16 +36,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("server", help="run the shared cache daemon (MP mode) that engines connect to")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    s.add_argument("--port", type=int, default=5555, help="ZeroMQ control port (default 5555)")
-    s.add_argument("--http-port", type=int, default=8080, help="HTTP metrics + management port (default 8080; 0: off)")
+    s.add_argument("--port", type=_port(False), default=5555, help="ZeroMQ control port (default 5555)")
+    s.add_argument("--http-port", type=_port(True), default=8080, help="HTTP metrics + management port (default 8080; 0: off)")
     s.add_argument("--cpu-size-gb", type=float, help="CPU pool size in GiB (default: max_cpu_size_gb)")
     s.add_argument("--chunk-size", type=int, help="tokens per chunk (default: chunk_size); engines must match")
     s.add_argument("--eviction-policy", choices=("LRU",), help="eviction policy (default LRU)")
     s.add_argument("--disk-path", help="enable the disk tier in this directory")
     s.add_argument("--remote-url", help="enable a remote tier, e.g. redis://127.0.0.1:6379/0")
-    s.add_argument("--token", default="", help="shared secret clients must present (required beyond loopback)")
-    s.add_argument("--allow-remote", action="store_true", help="allow --host other than loopback (needs --token)")
-    s.add_argument("--lease-timeout", type=float, default=30.0, help="seconds before a silent client's pins are released")
+    s.add_argument("--token", default="", help="shared secret clients must present (visible to every local user in the "
+                   "process list: prefer --token-file or LMCACHE_SERVER_TOKEN)")
+    s.add_argument("--token-file", metavar="FILE", help="read the shared secret from FILE (first line)")
+    s.add_argument("--allow-remote", action="store_true", help="allow --host other than loopback (needs a token)")
+    s.add_argument("--lease-timeout", type=_positive, default=30.0,
+                   help="seconds after which a silent client is checked; a dead one's pins are released (default 30)")
+    s.add_argument("--client-quota-gb", type=_positive,
+                   help="most pool memory one client may hold at once, reserved or being read (default: 3/4 of the pool)")
+    s.add_argument("--max-message-mb", type=_positive,
+                   help="largest message accepted (default: one chunk of a 405B-class model, chunk_size x 512 KiB + 1 MiB)")
     add_config_flags(s)
     s.set_defaults(func=cmd_server)
 
@@ -33,6 +63,26 @@ def _sensible_pool_gb(default_gb: float) -> float:
     st = os.statvfs("/dev/shm")
     shm_free = st.f_bavail * st.f_frsize
     return round(max(0.1, min(default_gb, 0.5 * ram / 2**30, 0.8 * shm_free / 2**30)), 2)
+
+
+def _token(args: argparse.Namespace, config_token: str) -> str:
+    """--token-file, else server_token (LMCACHE_SERVER_TOKEN, the config file), else --token (warned: other
+    local users can read a command line)."""
+    if args.token_file:
+        try:
+            with open(args.token_file) as f:
+                token = f.readline().strip()
+        except OSError as e:
+            raise ValueError(f"--token-file {args.token_file}: {e.strerror}; give a readable file") from None
+        if not token:
+            raise ValueError(f"--token-file {args.token_file} is empty: write the secret on its first line")
+        return token
+    if config_token:
+        return config_token
+    if args.token:
+        print("lmcache server: warning: --token is visible to every local user (ps, /proc/PID/cmdline); "
+              "prefer --token-file FILE or LMCACHE_SERVER_TOKEN", file=sys.stderr, flush=True)
+    return args.token
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -46,8 +96,15 @@ def cmd_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(message)s")
     if cfg.source_of("max_cpu_size_gb") == "default":
         cfg = cfg.replace(max_cpu_size_gb=_sensible_pool_gb(cfg.max_cpu_size_gb))
+    token = _token(args, cfg.server_token)
+    quota = None if args.client_quota_gb is None else int(args.client_quota_gb * 2**30)
+    max_message = None if args.max_message_mb is None else int(args.max_message_mb * 2**20)
+    from lmcache.server.local_auth import ServerAlreadyRunning
+
     try:
-        server = CacheServer(cfg, args.host, args.port, args.token, args.allow_remote, args.lease_timeout)
+        server = CacheServer(cfg, args.host, args.port, token, args.allow_remote, args.lease_timeout, quota, max_message)
+    except ServerAlreadyRunning as e:
+        raise ValueError(str(e)) from None
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e}; pick another --port") from None
     httpd = None

@@ -214,10 +214,14 @@ class CacheEngine:
         except BaseException:
             self.stack.abort(obj for _, _, _, obj, _ in pending)
             raise
-        result.stored_chunks = self.stack.commit_many([(okey, h, obj) for _, okey, h, obj, _ in pending])
-        # a chunk another writer committed first is in the cache all the same, so it counts as stored here
-        result.stored_indices = [p[0] for p in pending]
-        result.existing_chunks += len(pending) - result.stored_chunks
+        committed = self.stack.commit_many([(okey, h, obj) for _, okey, h, obj, _ in pending])
+        result.stored_chunks = committed.stored
+        if committed.refused:  # nothing of this commit is cached: nothing may be announced as stored
+            result.dropped_chunks += committed.refused
+        else:
+            # a chunk another writer committed first is in the cache all the same, so it counts as stored here
+            result.stored_indices = [p[0] for p in pending]
+            result.existing_chunks += len(pending) - result.stored_chunks
         self.stats.stored_tokens += result.stored_tokens
         self.stats.dropped_chunks += result.dropped_chunks
         return result
@@ -234,11 +238,15 @@ class CacheEngine:
         chunk ``first`` (earlier chunks are not read: the caller holds them already). Returns the end, in
         tokens, of what is now loaded; a chunk missing or corrupt in every tier ends it."""
         entries, jobs = self._acquire_jobs(chunk_keys, kv, slot_mapping, first)
+        fenced = False
         try:
             self.backend.scatter(kv, jobs)
             self.backend.synchronize()
         finally:
-            self.stack.release_many(entries)
+            fenced = self.stack.release_many(entries)
+        if not fenced:  # the read lease was lost before the copy ended: those bytes are not vouched for
+            log.warning("lmcache: a read lease was lost during the load of %d chunks; they count as a miss", len(entries))
+            return first * self.chunk_size
         self.stats.retrieved_tokens += len(entries) * self.chunk_size
         return (first + len(entries)) * self.chunk_size
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 import torch
 import zmq
@@ -23,8 +23,9 @@ from lmcache.core.chunk_format import ChunkHeader, byte_view
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.geometry import DTYPE_CODES, ModelIdentity
 from lmcache.core.keys import ObjectKey
-from lmcache.core.tiers.stack import EXISTS
+from lmcache.core.tiers.stack import EXISTS, Committed
 from lmcache.core.tiers.stats import TierStats
+from lmcache.server.local_auth import ClientLock, read_local_secret
 from lmcache.server.protocol import PROTOCOL_VERSION, ProtocolError, decode, encode
 from lmcache.server.shm import SharedBuffer
 
@@ -78,6 +79,9 @@ class ServerStack:
         #: called (key, "disk" | None) for chunks that left the server's CPU tier; fed by poll_evictions
         self.eviction_listeners: list = []
         self._evicted_cursor = -1
+        self._alive: ClientLock | None = None
+        self._quota_logged = False
+        self._token = config.server_token
 
     # -- connection ---------------------------------------------------------------------------------
 
@@ -103,7 +107,7 @@ class ServerStack:
             self._sock.connect(self.url)
         rid = self._next_id
         self._next_id += 1
-        msg = {**msg, "v": PROTOCOL_VERSION, "id": rid, "token": self.config.server_token}
+        msg = {**msg, "v": PROTOCOL_VERSION, "id": rid, "token": self._token}
         self._sock.send_multipart([encode(msg), *frames])
         deadline = time.monotonic() + self.timeout_ms / 1000
         while True:
@@ -116,10 +120,26 @@ class ServerStack:
             if reply.get("id") == rid:  # anything else is a late answer to a request we gave up on
                 return reply, reply_frames[1:]
 
+    def _credentials(self) -> None:
+        """The token this client presents (``server_token``, else the local secret of a server on this host
+        run by this user) and its liveness lock (only a client that holds one may map the pool)."""
+        if not self.config.server_token:
+            url = urlsplit(self.url)
+            local = url.hostname in ("127.0.0.1", "localhost", "::1") or (url.hostname or "").startswith("127.")
+            # the local secret is never sent to another host, even one listening on the same port number
+            self._token = read_local_secret(url.port or 0) if local else ""
+        if self._alive is None and not self._bytes_mode:
+            try:
+                self._alive = ClientLock()
+            except OSError as e:
+                log.warning("lmcache: cannot create a liveness lock in /dev/shm (%s); moving bytes over the socket", e)
+                self._bytes_mode = True
+
     def _hello(self) -> bool:
         g = self.identity.geometry
+        self._credentials()
         got = self._roundtrip({"op": "hello", "model": self.identity.model_name, "heads": list(self.head_range),
-                               "pid": os.getpid(), "host": socket.gethostname(),
+                               "pid": os.getpid(), "alive": None if self._alive is None else self._alive.path,
                                "geometry": [g.num_layers, g.num_kv_heads, g.k_dim, g.v_dim, DTYPE_CODES[g.dtype], g.kind]})
         if got is None:
             return False
@@ -133,6 +153,10 @@ class ServerStack:
             if self._shm is not None:
                 self._shm.close()
                 self._shm = None
+            if not self._bytes_mode and reply.get("shm_path") is None:
+                log.warning("lmcache: server %s cannot see this process's liveness lock (another /dev/shm?); moving "
+                            "bytes over the socket instead (slower)", self.url)
+                self._bytes_mode = True
             if not self._bytes_mode:
                 try:
                     self._shm = SharedBuffer.attach(reply["shm_path"], reply["shm_size"])
@@ -195,8 +219,13 @@ class ServerStack:
             self.stats.drops += len(items)
             return [None] * len(items)
         reply = got[0]
+        if reply.get("over_quota") and not self._quota_logged:
+            self._quota_logged = True
+            log.warning("lmcache: the server dropped %d chunks of one store: this client holds its quota of pool memory "
+                        "(lmcache server --client-quota-gb); logged once", reply["over_quota"])
         if self._bytes_mode:  # the pool cannot be mapped here: fill private buffers, send them with put
-            self._call("abort", lease=reply["lease"])
+            if reply["lease"]:
+                self._call("abort", lease=reply["lease"])
             return [EXISTS if s == "exists" else Slot(k, n, 0, -1, torch.empty(n, dtype=torch.uint8))
                     for (k, n), s in zip(items, reply["slots"])]
         out: list[Any] = []
@@ -210,25 +239,28 @@ class ServerStack:
         return out
 
     def abort(self, objs: Iterable[Any]) -> None:
-        for lease in {o.lease for o in objs if isinstance(o, Slot) and o.offset >= 0}:
+        for lease in {o.lease for o in objs if isinstance(o, Slot) and o.offset >= 0 and o.lease}:
             self._call("abort", lease=lease)
 
-    def commit_many(self, items: list[tuple[ObjectKey, ChunkHeader, Slot]]) -> int:
+    def commit_many(self, items: list[tuple[ObjectKey, ChunkHeader, Slot]]) -> Committed:
         if not items:
-            return 0
+            return Committed(0, 0)
         if items[0][2].offset < 0:  # byte mode
-            stored = 0
+            stored = refused = 0
             for key, header, slot in items:
                 got = self._call("put", [bytes(byte_view(slot.raw))], key=str(key), header=header.pack())
-                stored += 0 if got is None else got[0]["stored"]
-            return stored
+                if got is None:
+                    refused += 1
+                else:
+                    stored += got[0]["stored"]
+            return Committed(stored, refused)
         got = self._call("commit", lease=items[0][2].lease,
                          items=[[str(k), h.pack(), s.offset] for k, h, s in items])
-        if got is None:
+        if got is None:  # refused (lease lost, server gone): none of these chunks is cached
             self.stats.drops += len(items)
-            return 0
+            return Committed(0, len(items))
         self.stats.stores += got[0]["stored"]
-        return got[0]["stored"]
+        return Committed(got[0]["stored"], 0)
 
     def acquire_prefix(self, okeys: Iterable[ObjectKey], promote: bool | None = None) -> list[Entry]:
         keys = [str(k) for k in okeys]
@@ -250,13 +282,15 @@ class ServerStack:
             header = ChunkHeader.unpack(raw_header)
             entries.append(Entry(header, reply["lease"], self._shm.tensor[offset : offset + header.payload_nbytes]))
         self.stats.hits += len(entries)
-        if not entries:
-            self._call("release", lease=reply["lease"])
         return entries
 
-    def release_many(self, entries: Iterable[Entry]) -> None:
+    def release_many(self, entries: Iterable[Entry]) -> bool:
+        """Release read leases. False when a lease was no longer held (the server restarted, or it refused):
+        then the bytes copied under it are not vouched for, and the caller treats the load as failed."""
+        ok = True
         for lease in {e.lease for e in entries if e.lease}:
-            self._call("release", lease=lease)
+            ok = self._call("release", lease=lease) is not None and ok
+        return ok
 
     def prefetch(self, okeys: Iterable[ObjectKey]) -> int:
         got = self._call("prefetch", keys=[str(k) for k in okeys])
@@ -299,3 +333,6 @@ class ServerStack:
             if self._shm is not None:
                 self._shm.close()
                 self._shm = None
+            if self._alive is not None:  # the server forgets this client at its next sweep
+                self._alive.close()
+                self._alive = None

@@ -8,6 +8,7 @@ memory). Operations are batched per request so that MP mode needs one round trip
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -23,6 +24,15 @@ from lmcache.core.tiers.writeback import WriteBack
 
 log = logging.getLogger("lmcache")
 EXISTS = "exists"  # reserve_many's answer for a chunk that is already stored
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What ``commit_many`` did: ``stored`` chunks are new; ``refused`` ones are not cached at all (a lost
+    lease, a server that went away); the rest were committed first by another writer (cached all the same)."""
+
+    stored: int
+    refused: int = 0
 
 
 class TierStack:
@@ -132,8 +142,8 @@ class TierStack:
             if isinstance(obj, MemoryObj):
                 obj.unref()
 
-    def commit_many(self, items: list[tuple[ObjectKey, ChunkHeader, MemoryObj]]) -> int:
-        """Publish filled chunks and queue them for the lower tiers; returns how many were new."""
+    def commit_many(self, items: list[tuple[ObjectKey, ChunkHeader, MemoryObj]]) -> Committed:
+        """Publish filled chunks and queue them for the lower tiers."""
         stored = 0
         for okey, header, obj in items:
             if not self.cpu.commit(okey, header, obj):
@@ -145,7 +155,7 @@ class TierStack:
                     for tier in self.lower:
                         self.writeback[tier.name].offer(entry)
                     self.cpu.release(entry)
-        return stored
+        return Committed(stored)
 
     def acquire_prefix(self, okeys: Iterable[ObjectKey], promote: bool | None = None) -> list[CpuEntry]:
         """Entries of the cached prefix, each with a reader's reference (release_many them)."""
@@ -160,9 +170,11 @@ class TierStack:
             entries.append(entry)
         return entries
 
-    def release_many(self, entries: Iterable[CpuEntry]) -> None:
+    def release_many(self, entries: Iterable[CpuEntry]) -> bool:
+        """Drop readers' references; True (in-process, a reference cannot be lost)."""
         for entry in entries:
             self.cpu.release(entry)
+        return True
 
     def prefetch(self, okeys: Iterable[ObjectKey]) -> int:
         """Pull lower-tier hits into the CPU tier; returns how many leading keys are now there."""
