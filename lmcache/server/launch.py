@@ -20,7 +20,9 @@ class ChildServer:
         self.port, self.http_port = _free_port(), _free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lmcache.cli.main", "server", "--port", str(self.port), "--http-port",
-             str(self.http_port), "--chunk-size", str(chunk_size), "--cpu-size-gb", f"{cpu_size_gb:.3f}", *extra],
+             str(self.http_port), "--chunk-size", str(chunk_size), "--cpu-size-gb", f"{cpu_size_gb:.3f}",
+             # one client (the benchmark) may use the whole pool it was sized for
+             "--client-quota-gb", f"{cpu_size_gb:.3f}", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while True:
