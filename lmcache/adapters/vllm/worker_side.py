@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -103,6 +104,7 @@ class WorkerSide:
             slots = plan.slot_mapping(self.view.block_size, plan.load_end)
             slots[: plan.load_start] = -1  # vLLM computed (or prefix-cached) those itself
             n = plan.load_end // self.config.chunk_size
+            t0 = time.perf_counter()
             try:
                 # chunks wholly below load_start are vLLM's already: not read at all
                 first = plan.load_start // self.config.chunk_size
@@ -118,6 +120,9 @@ class WorkerSide:
                 loaded = 0
             good = max(loaded, plan.load_start)
             self.stats.loaded_tokens += good - plan.load_start
+            if good > plan.load_start:
+                log.info("lmcache: %s: loaded %d cached tokens [%d, %d) in %.1f ms", plan.req_id, good - plan.load_start,
+                         plan.load_start, good, (time.perf_counter() - t0) * 1e3)
             if good < plan.load_end:
                 self.stats.failed_load_tokens += plan.load_end - good
                 self._load_errors |= plan.blocks_of(good, plan.load_end, self.view.block_size)
@@ -144,6 +149,7 @@ class WorkerSide:
             stored: list[int] = []
             if self.saver:
                 slots = plan.slot_mapping(self.view.block_size, plan.save_end * cs)
+                t0 = time.perf_counter()
                 try:
                     result = self._engine().store_chunks(plan.chunk_keys[: plan.save_end], self.kv, slots,
                                                          first=plan.save_first)
@@ -154,6 +160,10 @@ class WorkerSide:
                 self.stats.saved_chunks += result.stored_chunks
                 self.stats.existing_chunks += result.existing_chunks
                 self.stats.dropped_chunks += result.dropped_chunks
+                if result.stored_chunks or result.dropped_chunks:
+                    log.info("lmcache: %s: stored %d tokens (%d chunks new, %d cached already, %d dropped) in %.1f ms",
+                             plan.req_id, result.stored_tokens, result.stored_chunks, result.existing_chunks,
+                             result.dropped_chunks, (time.perf_counter() - t0) * 1e3)
                 stored = result.stored_indices
             else:
                 stored = list(range(plan.save_first, plan.save_end))  # the saver rank stores these heads
