@@ -101,3 +101,32 @@ def test_mp_mode_survives_an_engine_crash_and_serves_two_engines_and_the_stock_f
         assert stats["tiers"]["cpu"]["hits"] >= 4 + 4 + 2 and stats["leases"] == 0
     finally:
         server.stop()
+
+
+def test_bench_serve_launches_the_demo_and_measures_lmcache_against_the_same_engine_without_it(tmp_path):
+    """``lmcache bench serve --launch tiny``: the README's demo, small. The figures themselves are for the
+    benchmark to print, not for a test to judge (2 shared cores); the test checks that both engines served
+    every request, that the lmcache one hit, and what the report holds."""
+    import json
+
+    plot = tmp_path / "ttft.png"
+    r = subprocess.run([PYTHON, "-m", "lmcache.cli.main", "bench", "serve", "--launch", "tiny", "--launch-dir",
+                        str(tmp_path), "--dtype", "float32", "--docs", "2", "--doc-tokens", "600", "--questions", "2",
+                        "--users", "1", "--rounds", "2", "--turn-tokens", "300", "--unique", "2", "--unique-tokens", "300",
+                        "--warmup", "1", "--plot", str(plot), "--json"],
+                       capture_output=True, text=True, timeout=1100, env=clean_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert "[8/8] unique unique unique 1" in r.stderr  # progress while it runs
+    assert set(report["endpoints"]) == {"lmcache", "baseline"}
+    rows = {(s["workload"], s["phase"]): s for s in report["summary"]}
+    assert set(rows) == {("longdoc", "cold"), ("longdoc", "warm"), ("chat", "cold"), ("chat", "warm"),
+                         ("unique", "unique")}
+    for s in report["summary"]:
+        for ep in ("lmcache", "baseline"):
+            assert s[ep]["errors"] == 0 and s[ep]["ttft_p50_s"] > 0
+        assert s["ttft_ratio_median"] > 0
+    # warm requests re-send 512 cached tokens of 600+ (longdoc) and the first round (chat)
+    assert 0.2 < report["hit_ratio"] < 1.0
+    assert report["miss_overhead"] is not None
+    assert plot.exists() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

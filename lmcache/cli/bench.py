@@ -45,6 +45,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     from lmcache.cli import bench_gpu
 
     bench_gpu.add_parsers(bsub)
+    from lmcache.cli import bench_serve
+
+    bench_serve.add_parser(bsub)
 
     lk = bsub.add_parser("lookup", help="hash + prefix lookup latency of a long prompt, all chunks cached")
     lk.add_argument("--tokens", type=int, default=131072)

