@@ -137,7 +137,7 @@ def test_tensor_parallel_shards_store_side_by_side(kind):
         assert engine.store(tokens, shard, slots).stored_chunks == 2
     keys = [ranks[0].hasher().keys(tokens), ranks[1].hasher().keys(tokens)]
     assert keys[0] == keys[1]
-    assert {str(k) for k in ranks[0].cpu.keys()}.isdisjoint({str(k) for k in ranks[1].cpu.keys()})
+    assert {str(k) for k in ranks[0].stack.cpu.keys()}.isdisjoint({str(k) for k in ranks[1].stack.cpu.keys()})
     for rank, engine in enumerate(ranks):
         dst = _head_shard(build(kind, g, 64, 4, seed=7), rank * 2, 2)
         dst_slots = slots_for(16, 64, 4, False, 8)

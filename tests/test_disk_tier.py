@@ -47,12 +47,12 @@ def test_corrupted_and_truncated_files_are_misses_and_deleted(tmp_path):
     again = engine(local_disk_path=str(tmp_path))
     assert again.lookup(toks) == 64  # the index trusts names; bytes are checked on read
     assert retrieved_exactly(again, toks, kv, slots) == 32  # stops at the first bad chunk
-    assert again.disk.stats.corrupt == 1
+    assert again.stack.disk.stats.corrupt == 1
     assert not flipped.exists()
     assert again.lookup(toks) == 32
     # and the truncated one is caught the same way
-    assert again.disk.load(ObjectKey(keys[3], 0, 2), again.cpu.reserve) is None
-    assert again.disk.stats.corrupt == 2 and not truncated.exists()
+    assert again.stack.disk.load(ObjectKey(keys[3], 0, 2), again.stack.cpu.reserve) is None
+    assert again.stack.disk.stats.corrupt == 2 and not truncated.exists()
 
 
 def test_lru_eviction_by_capacity(tmp_path):
@@ -66,16 +66,16 @@ def test_lru_eviction_by_capacity(tmp_path):
     assert retrieved_exactly(e, a, kv, slots) == 16
     store(e, c, seed=3); e.flush()
     store(e, prompt(16, 4), seed=4); e.flush()  # over capacity: the least recently used (b) goes
-    assert e.disk.contains(e.object_key(e.hasher().keys(a)[0]))
-    assert not e.disk.contains(e.object_key(e.hasher().keys(b)[0]))
-    assert e.disk.used_bytes <= 3.5 * size and e.disk.stats.evictions >= 1
+    assert e.stack.disk.contains(e.object_key(e.hasher().keys(a)[0]))
+    assert not e.stack.disk.contains(e.object_key(e.hasher().keys(b)[0]))
+    assert e.stack.disk.used_bytes <= 3.5 * size and e.stack.disk.stats.evictions >= 1
 
 
 def test_unusable_directory_degrades_to_no_disk_tier(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     e = engine(local_disk_path=str(blocker / "cache"))
-    assert e.disk is None
+    assert e.stack.disk is None
     assert "local_disk_path" in e.tier_problems[0] and "writable directory" in e.tier_problems[0]
     toks = prompt(32)
     kv, slots = store(e, toks)
@@ -149,8 +149,8 @@ FULL_DISK = textwrap.dedent('''
     kv, slots = store(e, toks)
     e.flush()
     assert retrieved_exactly(e, toks, kv, slots) == 64  # the engine keeps serving from CPU
-    s = e.disk.stats
-    print(s.errors, s.stores, len(e.disk))
+    s = e.stack.disk.stats
+    print(s.errors, s.stores, len(e.stack.disk))
 ''')
 
 

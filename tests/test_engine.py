@@ -37,7 +37,7 @@ def test_lookup_counts_the_chunk_aligned_cached_prefix_only():
     assert e.lookup(diverged) == 16  # shares chunk 0 only
     assert e.lookup(toks, salt="other-tenant") == 0
     e.lookup(toks)
-    assert e.cpu.stats.hits == 0  # lookups have no side effects on the tier
+    assert e.stack.cpu.stats.hits == 0  # lookups have no side effects on the tier
 
 
 def test_existing_chunks_are_not_rewritten():
@@ -61,7 +61,7 @@ def test_lru_eviction_keeps_recently_used_chunks():
     assert e.retrieve(a, dst, torch.arange(32)) == 32  # a becomes most recently used
     e.store(c, kv, s)  # needs 2 chunks: b's go
     assert e.lookup(a) == 32 and e.lookup(c) == 32 and e.lookup(b) == 0
-    assert e.cpu.stats.evictions == 2
+    assert e.stack.cpu.stats.evictions == 2
 
 
 def test_chunks_being_read_are_never_evicted():
@@ -69,12 +69,12 @@ def test_chunks_being_read_are_never_evicted():
     kv = vllm_layout("LBNHC", GEO, 64, 16)
     a, b = prompt(32, 1), prompt(32, 2)
     e.store(a, kv, slots_for(32, 1024, 16, True, 1))
-    held = [e.cpu.acquire(k) for k in list(e.cpu.keys())]  # a reader holds both chunks
+    held = [e.stack.cpu.acquire(k) for k in list(e.stack.cpu.keys())]  # a reader holds both chunks
     r = e.store(b, kv, slots_for(32, 1024, 16, True, 2))
-    assert r.stored_chunks == 0 and r.dropped_chunks == 2 and e.cpu.stats.drops == 2
+    assert r.stored_chunks == 0 and r.dropped_chunks == 2 and e.stack.cpu.stats.drops == 2
     assert all(torch.equal(h.payload().view(torch.uint8), h.payload().view(torch.uint8)) for h in held)
     for h in held:
-        e.cpu.release(h)
+        e.stack.cpu.release(h)
     assert e.store(b, kv, slots_for(32, 1024, 16, True, 2)).stored_chunks == 2
     assert e.lookup(a) == 0
 
@@ -130,5 +130,5 @@ def test_concurrent_store_lookup_retrieve_is_safe_and_exact():
     for t in threads:
         t.join()
     assert not errors, errors[0]
-    assert e.cpu.pool.used_bytes == sum(x.obj.size for x in (e.cpu._entries.values()))
-    assert all(x.obj.refcount == 1 for x in e.cpu._entries.values())
+    assert e.stack.cpu.pool.used_bytes == sum(x.obj.size for x in (e.stack.cpu._entries.values()))
+    assert all(x.obj.refcount == 1 for x in e.stack.cpu._entries.values())

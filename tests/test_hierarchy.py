@@ -9,13 +9,13 @@ def test_lookup_reports_the_tier_of_each_chunk(tmp_path, redis_server):
     kv, slots = store(e, toks)
     e.flush()
     e.clear()  # CPU forgets; disk and redis keep their copies
-    e.disk.remove(e.object_key(e.hasher().keys(toks)[2]))
-    e.disk.remove(e.object_key(e.hasher().keys(toks)[3]))
+    e.stack.disk.remove(e.object_key(e.hasher().keys(toks)[2]))
+    e.stack.disk.remove(e.object_key(e.hasher().keys(toks)[3]))
     assert e.lookup_tiers(toks) == ["disk", "disk", "redis", "redis"]
     assert retrieved_exactly(e, toks, kv, slots) == 64
     assert e.lookup_tiers(toks) == ["cpu"] * 4
     e.flush()
-    assert e.disk.contains(e.object_key(e.hasher().keys(toks)[3]))  # a remote hit is kept on disk too
+    assert e.stack.disk.contains(e.object_key(e.hasher().keys(toks)[3]))  # a remote hit is kept on disk too
     stats = e.tier_stats()
     assert stats["disk"]["hits"] == 2 and stats["redis"]["hits"] == 2 and stats["cpu"]["misses"] == 4
 
@@ -28,21 +28,21 @@ def test_promotion_can_be_turned_off(tmp_path):
     e.clear()
     assert retrieved_exactly(e, toks, kv, slots) == 32
     assert e.lookup_tiers(toks) == ["disk", "disk"]
-    assert e.cpu.pool.used_bytes == 0  # the private copies were freed after the load
+    assert e.stack.cpu.pool.used_bytes == 0  # the private copies were freed after the load
 
 
 def test_eviction_from_cpu_demotes_to_disk(tmp_path):
     e = engine(chunks_in_cpu=16, local_disk_path=str(tmp_path))  # write-back may hold 16/4 = 4 chunks
-    wb = e.writeback["disk"]
+    wb = e.stack.writeback["disk"]
     budget, wb.max_bytes = wb.max_bytes, 0  # the write-back queue is full: stores are dropped, counted
     a = prompt(64, 1)
     kv_a, slots_a = store(e, a, seed=1)
-    assert wb.stats.drops == 4 and len(e.disk) == 0
+    assert wb.stats.drops == 4 and len(e.stack.disk) == 0
     wb.max_bytes = budget
     for i in range(2, 6):  # push a out of the CPU tier: eviction hands it to the disk tier
         store(e, prompt(64, i), seed=i)
         e.flush()
-    assert e.cpu.stats.evictions >= 4
+    assert e.stack.cpu.stats.evictions >= 4
     assert e.lookup_tiers(a) == ["disk"] * 4
     assert retrieved_exactly(e, a, kv_a, slots_a) == 64
 

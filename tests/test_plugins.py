@@ -41,19 +41,29 @@ CONFLICT = textwrap.dedent('''
 ''')
 
 
+TYPO = textwrap.dedent('''
+    from lmcache.core.hookspecs import hookimpl
+
+    @hookimpl
+    def lmcache_storage_tier():  # misspelt: the hook is lmcache_storage_tiers
+        return []
+''')
+
+
 @pytest.fixture
 def plugin_site(tmp_path, monkeypatch):
     (tmp_path / "acme_plugin.py").write_text(PLUGIN)
     (tmp_path / "conflict_plugin.py").write_text(CONFLICT)
+    (tmp_path / "typo_plugin.py").write_text(TYPO)
     dist = tmp_path / "acme_lmcache-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-lmcache\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
-        "[lmcache]\nacme = acme_plugin\nbroken = acme_missing_module\nconflict = conflict_plugin\n"
+        "[lmcache]\nacme = acme_plugin\nbroken = acme_missing_module\nconflict = conflict_plugin\ntypo = typo_plugin\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
-    for m in ("acme_plugin", "conflict_plugin"):
+    for m in ("acme_plugin", "conflict_plugin", "typo_plugin"):
         sys.modules.pop(m, None)
 
 
@@ -72,6 +82,8 @@ def test_outside_plugin_is_found_and_used_and_failures_are_named(plugin_site):
     assert "No module named 'acme_missing_module'" in errors["broken"]
     assert "hardware backend name 'cpu' is already registered by plugin 'lmcache.hardware.cpu'" in errors["conflict"]
     assert reg.hardware["cpu"].__class__.__module__ == "lmcache.hardware.cpu"  # the built-in kept its name
+    assert "lmcache_storage_tier" in errors["typo"] and "lmcache_storage_tiers" in errors["typo"]  # loud, with the fix
+    assert "typo" not in reg.plugins
 
     # the higher-priority plugin backend is what "auto" picks, and it really runs the copies
     from lmcache.core.config import load_config
@@ -99,3 +111,14 @@ def test_falling_back_to_reference_ops_says_why(caplog):
     (message,) = [r.getMessage() for r in caplog.records if "reference ops" in r.getMessage()]
     ok, why = get_registry().hardware["cuda"].available()
     assert not ok and f"cuda: {why}" in message
+
+
+def test_a_tier_plugin_that_returns_something_else_is_refused_with_the_fix(plugin_site):
+    from lmcache.core.config import load_config
+    from lmcache.core.engine import CacheEngine
+    from lmcache.core.geometry import KVGeometry, ModelIdentity
+
+    reg = build_registry()
+    cfg = load_config(env={}, overrides={"chunk_size": 4, "max_cpu_size_gb": 0.001, "remote_url": "acme://bucket"})
+    with pytest.raises(ValueError, match="returned a NoneType without .*must implement lmcache.core.hookspecs.StorageTier"):
+        CacheEngine(cfg, ModelIdentity("m", KVGeometry(1, 1, 4, 4, torch.float32)), device="cpu", registry=reg)

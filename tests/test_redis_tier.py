@@ -19,7 +19,7 @@ def test_round_trip_through_redis_with_split_parts(redis_server):
     toks = prompt(96)
     kv, slots = store(e, toks)
     e.flush()
-    assert e.remote.stats.stores == 6
+    assert e.stack.remote.stats.stores == 6
     fresh = engine(remote_url=redis_server.url, remote_part_mb=1000 / 2**20)
     assert fresh.lookup_tiers(toks) == ["redis"] * 6
     assert retrieved_exactly(fresh, toks, kv, slots) == 96
@@ -40,7 +40,7 @@ def test_corrupt_remote_object_is_a_miss_and_deleted(redis_server):
     raw.set(part, bytes(data))
     fresh = engine(remote_url=redis_server.url)
     assert retrieved_exactly(fresh, toks, kv, slots) == 16
-    assert fresh.remote.stats.corrupt == 1
+    assert fresh.stack.remote.stats.corrupt == 1
     assert raw.get(f"lmc:{{{key}}}:h") is None
 
 
@@ -53,13 +53,13 @@ def test_unreachable_at_start_keeps_serving_from_cpu():
     assert retrieved_exactly(e, toks, kv, slots) == 48
     e.flush()
     assert time.monotonic() - t0 < 10
-    assert e.remote.stats.errors >= 1 and e.remote.stats.drops >= 1
+    assert e.stack.remote.stats.errors >= 1 and e.stack.remote.stats.drops >= 1
 
 
 def test_redis_down_and_back_mid_workload(tmp_path):
     server = RedisServer(tmp_path, persist=True).start()  # its data survives its restart
     e = engine(chunks_in_cpu=16, remote_url=server.url, remote_timeout_s=0.3)
-    e.remote.retry_interval_s = 0.2
+    e.stack.remote.retry_interval_s = 0.2
     try:
         first = prompt(32, 1)
         kv1, s1 = store(e, first)
@@ -70,7 +70,7 @@ def test_redis_down_and_back_mid_workload(tmp_path):
             kv, slots = store(e, toks, seed=10 + i)
             assert retrieved_exactly(e, toks, kv, slots) == 32
         e.flush()
-        assert e.remote.stats.errors >= 1
+        assert e.stack.remote.stats.errors >= 1
         assert e.lookup_tiers(first) == []  # evicted from CPU; the remote copy is unreachable: a miss
         server.start()  # same port: the tier reconnects by itself
         time.sleep(0.3)
@@ -91,7 +91,7 @@ def test_queue_full_drops_instead_of_blocking(redis_server):
         t0 = time.monotonic()
         store(e, prompt(160))
         assert time.monotonic() - t0 < 1.5  # the engine did not wait for the stalled tier
-        assert e.writeback["redis"].stats.drops >= 7
+        assert e.stack.writeback["redis"].stats.drops >= 7
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
     e.flush()
@@ -137,7 +137,7 @@ def test_redis_cluster_three_masters(cluster):
     toks = prompt(320)
     kv, slots = store(e, toks)
     e.flush()
-    assert e.remote.stats.stores == 20 and e.remote.stats.errors == 0
+    assert e.stack.remote.stats.stores == 20 and e.stack.remote.stats.errors == 0
     per_node = [len(n.client().keys("lmc:*")) for n in cluster]
     assert sum(per_node) == 40 and sum(1 for c in per_node if c) >= 2  # spread over the masters
     fresh = engine(remote_url=url)
@@ -177,12 +177,12 @@ def test_password_from_env_or_url(tmp_path):
         toks = prompt(32)
         store(e, toks)
         e.flush()
-        assert e.remote.stats.stores == 2
+        assert e.stack.remote.stats.stores == 2
         via_url = engine(remote_url=f"redis://:s3cret@127.0.0.1:{port}/0")
         assert via_url.lookup_tiers(toks) == ["redis", "redis"]
         wrong = engine(remote_url=f"redis://:nope@127.0.0.1:{port}/0")
-        assert wrong.lookup(toks) == 0 and wrong.remote.stats.errors == 1
-        assert "***" in wrong.remote._safe_url() and "nope" not in wrong.remote._safe_url()
+        assert wrong.lookup(toks) == 0 and wrong.stack.remote.stats.errors == 1
+        assert "***" in wrong.stack.remote._safe_url() and "nope" not in wrong.stack.remote._safe_url()
     finally:
         proc.terminate()
         proc.wait()

@@ -174,7 +174,9 @@ class InterpretedTritonBackend(TritonGpuBackend):
 def engine_with(backend, geometry, chunk_size):
     cfg = load_config(env={}, overrides={"chunk_size": chunk_size, "max_cpu_size_gb": 0.02,
                                          "device_backend": backend.name})
-    registry = Registry(hardware={backend.name: backend})
+    from lmcache.core.plugins import get_registry
+
+    registry = Registry(hardware={backend.name: backend}, stores=get_registry().stores)  # only this backend
     return CacheEngine(cfg, ModelIdentity("kernels", geometry), device="cpu", registry=registry)
 
 
@@ -258,5 +260,5 @@ def test_layerwise_retrieve_releases_its_chunks_when_finished():
     inflight.finish()
     inflight.finish()  # idempotent
     assert all(e.obj.refcount == 1 for e in inflight.entries)
-    assert engine.clear() == 4 and engine.cpu.pool.stats()["used"] == 0  # every byte went back to the pool
+    assert engine.clear() == 4 and engine.stack.cpu.pool.stats()["used"] == 0  # every byte went back to the pool
     engine.close()

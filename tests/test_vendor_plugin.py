@@ -43,7 +43,7 @@ ROUND_TRIP = textwrap.dedent('''
     from lmcache_vendor_example.plugin import VendorBackend
     url = "vfile://" + sys.argv[1]
     e = engine(remote_url=url, device_backend="vendor_cpu")
-    assert e.backend.name == "vendor_cpu" and e.remote.name == "vfile"
+    assert e.backend.name == "vendor_cpu" and e.stack.remote.name == "vfile"
     toks = prompt(64)
     kv, slots = store(e, toks)
     e.flush()

@@ -358,4 +358,4 @@ def test_layerwise_load_waits_per_layer_and_frees_its_chunks(model_dir, server, 
     b.run()
     if mode == "inproc":
         engine = worker.engine
-        assert engine.clear() == 6 and engine.cpu.pool.stats()["used"] == 0  # no chunk still held by a load
+        assert engine.clear() == 6 and engine.stack.cpu.pool.stats()["used"] == 0  # no chunk still held by a load

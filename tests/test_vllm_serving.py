@@ -117,7 +117,7 @@ def test_bench_serve_launches_the_demo_and_measures_lmcache_against_the_same_eng
                        capture_output=True, text=True, timeout=1100, env=clean_env())
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
-    assert "[8/8] unique unique unique 1" in r.stderr  # progress while it runs
+    assert "[8/8] unique unique unique 1: lmcache" in r.stderr and "[8/8] unique unique unique 1: baseline" in r.stderr
     assert set(report["endpoints"]) == {"lmcache", "baseline"}
     rows = {(s["workload"], s["phase"]): s for s in report["summary"]}
     assert set(rows) == {("longdoc", "cold"), ("longdoc", "warm"), ("chat", "cold"), ("chat", "warm"),

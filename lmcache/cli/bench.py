@@ -142,7 +142,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     nbytes = tokens * geometry.bytes_per_token()
     # room for the whole prompt plus allocator slack, whatever the config says
     pool_gb = max(cfg0.max_cpu_size_gb, nbytes * 1.05 / 2**30 + 0.01)
-    cfg = cfg0.replace(max_cpu_size_gb=pool_gb)
+    cfg = cfg0.replace(max_cpu_size_gb=pool_gb, mode="inproc")  # in-process first; --mode mp adds the server
     sync = torch.cuda.synchronize if device.type == "cuda" else None
 
     num_slots = tokens + tokens // 4
@@ -155,10 +155,14 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     prompt = torch.randint(0, 128000, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
 
     engine = CacheEngine(cfg, ModelIdentity(f"bench/{args.model_shape}", geometry), device=device)
-    say(f"hardware backend: {engine.backend.name}; CPU pool {pool_gb:.2f} GiB (pinned: {engine.cpu.pool.pinned})")
+    from lmcache.core.tiers.stack import TierStack
+
+    stack = engine.stack
+    assert isinstance(stack, TierStack)  # in-process: this engine was made with mode inproc above
+    say(f"hardware backend: {engine.backend.name}; CPU pool {pool_gb:.2f} GiB (pinned: {stack.cpu.pool.pinned})")
 
     # Same-run physical limits: a flat copy of the same number of bytes, between the same kinds of memory.
-    pool_bytes = engine.cpu.pool.buffer[:nbytes]
+    pool_bytes = stack.cpu.pool.buffer[:nbytes]
     src_flat = src_storage.view(-1).view(torch.uint8)[:nbytes]
     dst_flat = dst_storage.view(-1).view(torch.uint8)[:nbytes]
     pool_bytes.copy_(src_flat)  # touch the pool pages once, as a warm engine would have

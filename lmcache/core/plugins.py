@@ -17,8 +17,8 @@ log = logging.getLogger("lmcache")
 
 # Built-ins register through the same hooks as outside packages.
 BUILTIN_PLUGINS = ("lmcache.hardware.cpu", "lmcache.hardware.cuda", "lmcache.hardware.rocm", "lmcache.hardware.ascend",
-                   "lmcache.core.tiers.redis_tier", "lmcache.adapters.vllm",
-                   "lmcache.adapters.sglang", "lmcache.adapters.dynamo")
+                   "lmcache.core.tiers.stack", "lmcache.core.tiers.redis_tier", "lmcache.server.client",
+                   "lmcache.adapters.vllm", "lmcache.adapters.sglang", "lmcache.adapters.dynamo")
 ENTRY_POINT_GROUP = "lmcache"
 
 
@@ -34,6 +34,7 @@ class Registry:
     tiers: dict[str, hookspecs.StorageTierSpec] = field(default_factory=dict)
     adapters: dict[str, hookspecs.EngineAdapterSpec] = field(default_factory=dict)
     routers: dict[str, hookspecs.RouterEventsSpec] = field(default_factory=dict)
+    stores: dict[str, hookspecs.ChunkStoreSpec] = field(default_factory=dict)
     #: plugin name -> where it came from ("builtin" or "entry point <dist>")
     plugins: dict[str, str] = field(default_factory=dict)
     #: which plugin registered each name, per kind
@@ -45,11 +46,17 @@ def _load_plugins(pm: pluggy.PluginManager, registry: Registry) -> None:
     for modname in BUILTIN_PLUGINS:
         pm.register(importlib.import_module(modname), name=modname)
         registry.plugins[modname] = "builtin"
+    pm.check_pending()  # a built-in hook implementation without a hookspec is our bug: fail loudly
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         origin = f"entry point of {ep.dist.name if ep.dist else '?'}"
         try:
             obj = ep.load()
             pm.register(obj, name=ep.name)
+            try:
+                pm.check_pending()  # a misspelt lmcache_* hook would otherwise be silently never called
+            except pluggy.PluginValidationError as e:
+                pm.unregister(name=ep.name)
+                raise ValueError(f"{e}; known hooks: {', '.join(sorted(n for n in dir(hookspecs) if n.startswith('lmcache_')))}") from None
         except Exception as e:  # a broken plugin must not take the rest down
             registry.failures.append(PluginFailure(ep.name, f"failed to load ({ep.value}): {type(e).__name__}: {e}"))
             log.error("lmcache plugin %r failed to load (%s): %s: %s", ep.name, ep.value, type(e).__name__, e)
@@ -89,6 +96,7 @@ def build_registry() -> Registry:
     _collect(pm, registry, "lmcache_storage_tiers", "storage tier", registry.tiers, "scheme")
     _collect(pm, registry, "lmcache_engine_adapters", "engine adapter", registry.adapters, "name")
     _collect(pm, registry, "lmcache_router_events", "router events", registry.routers, "name")
+    _collect(pm, registry, "lmcache_chunk_stores", "chunk store", registry.stores, "mode")
     return registry
 
 
@@ -128,6 +136,16 @@ def select_backend(name: str, device_type: str, registry: Registry | None = None
                     "ops of the 'cpu' backend, which are correct but slower ('lmcache doctor' has more)",
                     device_type, why)
     return best
+
+
+def open_store(request: Any, registry: Registry | None = None) -> Any:
+    """The chunk store for ``request.config.mode`` (``lmcache.core.store``), from whichever plugin provides it."""
+    registry = registry or get_registry()
+    spec = registry.stores.get(request.config.mode)
+    if spec is None:
+        raise ValueError(f"mode '{request.config.mode}': no chunk store is registered for it; registered modes: "
+                         f"{', '.join(sorted(registry.stores)) or '(none)'}")
+    return spec.factory(request)
 
 
 def open_router_events(config: Any, block_size: int, registry: Registry | None = None) -> Any:

@@ -158,17 +158,16 @@ def _remote(cfg) -> Iterator[Check]:
     except ValueError as e:
         yield Check("remote tier", FAIL, str(e), "fix remote_url")
         return
-    ping = getattr(tier, "ping", None)
-    if ping is None:
-        yield Check("remote tier", OK, f"{scheme}:// tier created (it has no ping)")
-    elif ping():
-        yield Check("remote tier", OK, f"{tier._safe_url() if hasattr(tier, '_safe_url') else scheme} answers")
+    from lmcache.core.hookspecs import Pingable
+
+    if not isinstance(tier, Pingable):
+        yield Check("remote tier", OK, f"{scheme}:// tier created (it cannot be pinged)")
+    elif tier.ping():
+        yield Check("remote tier", OK, f"{tier.safe_url()} answers")
     else:
-        yield Check("remote tier", FAIL, f"{tier._safe_url() if hasattr(tier, '_safe_url') else cfg.remote_url} does not answer "
-                    f"within {cfg.remote_timeout_s}s", "start the server, or fix remote_url / remote_password")
-    close = getattr(tier, "close", None)
-    if close:
-        close()
+        yield Check("remote tier", FAIL, f"{tier.safe_url()} does not answer within {cfg.remote_timeout_s}s",
+                    "start the server, or fix remote_url / remote_password")
+    tier.close()
 
 
 def plugins() -> Iterator[Check]:

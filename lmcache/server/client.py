@@ -23,7 +23,8 @@ from lmcache.core.chunk_format import ChunkHeader, byte_view
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.geometry import DTYPE_CODES, ModelIdentity
 from lmcache.core.keys import ObjectKey
-from lmcache.core.tiers.stack import EXISTS, Committed
+from lmcache.core.hookspecs import hookimpl
+from lmcache.core.store import EXISTS, ChunkStoreSpec, Committed, EvictionListener, ReserveAnswer, StoreRequest
 from lmcache.core.tiers.stats import TierStats
 from lmcache.server.local_auth import ClientLock, read_local_secret
 from lmcache.server.protocol import PROTOCOL_VERSION, ProtocolError, decode, encode
@@ -57,6 +58,15 @@ class Entry:
 
 
 class ServerStack:
+    """The mp-mode ``ChunkStore`` (``lmcache.core.store``): the pool and its tiers live in ``lmcache server``;
+    this process maps the pool and moves bytes itself, so only offsets cross the socket.
+
+    Invariants: every reservation and every read is a server lease, held until commit/abort/release or this
+    process's death (the server sees it through this process's liveness lock); a reply from another server
+    instance than the one whose pool is mapped is never trusted. Lock rule: one request at a time per
+    process (``_lock``), so a DEALER socket never interleaves two requests' replies.
+    """
+
     def __init__(self, config: LMCacheConfig, identity: ModelIdentity, head_range: tuple[int, int]) -> None:
         self.config = config
         self.identity = identity
@@ -77,7 +87,7 @@ class ServerStack:
         self._next_id = 1
         self._lock = threading.RLock()
         #: called (key, "disk" | None) for chunks that left the server's CPU tier; fed by poll_evictions
-        self.eviction_listeners: list = []
+        self.eviction_listeners: list[EvictionListener] = []
         self._evicted_cursor = -1
         self._alive: ClientLock | None = None
         self._quota_logged = False
@@ -211,7 +221,11 @@ class ServerStack:
         got = self._call("lookup", keys=[str(k) for k in okeys])
         return [] if got is None else list(got[0]["tiers"])
 
-    def reserve_many(self, items: list[tuple[ObjectKey, int]]) -> list[Any]:
+    @property
+    def tier_problems(self) -> list[str]:
+        return []  # the server's tiers: its banner, /health and /stats say what it runs without
+
+    def reserve_many(self, items: list[tuple[ObjectKey, int]]) -> list[ReserveAnswer]:
         if not items:
             return []
         got = self._call("reserve", items=[[str(k), n] for k, n in items]) if self._connected() else None
@@ -228,7 +242,7 @@ class ServerStack:
                 self._call("abort", lease=reply["lease"])
             return [EXISTS if s == "exists" else Slot(k, n, 0, -1, torch.empty(n, dtype=torch.uint8))
                     for (k, n), s in zip(items, reply["slots"])]
-        out: list[Any] = []
+        out: list[ReserveAnswer] = []
         for (key, n), slot in zip(items, reply["slots"]):
             if slot == "exists":
                 out.append(EXISTS)
@@ -318,6 +332,10 @@ class ServerStack:
     def flush(self) -> None:
         pass  # write-back happens in the server
 
+    def queue_depths(self) -> dict[str, int]:
+        got = self._call("stats")
+        return {} if got is None else dict(got[0].get("queues", {}))
+
     def tier_stats(self) -> dict[str, dict[str, int]]:
         got = self._call("stats")
         server = {} if got is None else got[0]["tiers"]
@@ -336,3 +354,12 @@ class ServerStack:
             if self._alive is not None:  # the server forgets this client at its next sweep
                 self._alive.close()
                 self._alive = None
+
+
+def _open(request: StoreRequest) -> ServerStack:
+    return ServerStack(request.config, request.identity, request.head_range)
+
+
+@hookimpl
+def lmcache_chunk_stores() -> list[ChunkStoreSpec]:
+    return [ChunkStoreSpec("mp", _open, "a shared 'lmcache server' owns the pool; engines map it (server_url)")]

@@ -33,7 +33,8 @@ from lmcache.core.geometry import CODE_DTYPES, KVGeometry, ModelIdentity
 from lmcache.core.keys import ChunkHasher, ObjectKey
 from lmcache.core.memory_pool import MemoryObj
 from lmcache.core.plugins import get_registry
-from lmcache.core.tiers.stack import EXISTS, TierStack
+from lmcache.core.store import EXISTS
+from lmcache.core.tiers.stack import TierStack
 from lmcache.server import local_auth
 from lmcache.server.local_auth import LivenessProbe, ServerKey, tokens_equal
 from lmcache.server.protocol import OPS, PROTOCOL_VERSION, ProtocolError, decode, encode, field as need, short
@@ -538,7 +539,7 @@ class CacheServer:
                 "leases": len(self.leases), "stalled_leases": sum(lease.stalled for lease in self.leases.values()),
                 "clients": len(self.active_sessions()), "sessions": len(self.sessions), "server": dict(self.counters),
                 "client_quota": self.client_quota, "tier_problems": list(self.stack.tier_problems),
-                "queues": {n: wb._queue.qsize() for n, wb in self.stack.writeback.items()}}
+                "queues": self.stack.queue_depths()}
 
     def active_sessions(self, window_s: float = 60.0) -> list[Session]:
         now = time.time()

@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
+from lmcache.adapters.logs import follow_engine_logging
 from lmcache.adapters.sglang import host_layout
 from lmcache.core.config import LMCacheConfig, config_keys, load_config
 from lmcache.core.engine import CacheEngine
@@ -49,6 +50,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
         self.storage_config = storage_config
         self.config = config_from(storage_config.extra_config)
+        follow_engine_logging(self.config.log_level, "sglang")
         self.engine: CacheEngine | None = None
         self.hasher: ChunkHasher | None = None
         self.mem_pool_host = None
@@ -129,8 +131,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         return self._present(ck) if dropped else [True] * len(ck)
 
     def _present(self, ck: list[bytes]) -> List[bool]:
-        okeys = [self.engine.object_key(k) for k in ck]
-        return [bool(self.engine.stack.lookup_tiers([k])) for k in okeys]
+        return [self.engine.lookup_chunks([k]) == 1 for k in ck]
 
     # -- legacy path (flat data pages) ----------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
+from lmcache.adapters.logs import follow_engine_logging
 from lmcache.adapters.lookup_channel import LookupClient, LookupServer, channel_address
 from lmcache.adapters.vllm.model import UnsupportedModel, config_from, model_view, tp_rank_of
 from lmcache.adapters.vllm.plan import RequestPlan
@@ -30,20 +31,6 @@ from lmcache.core.shared import find_engine
 log = logging.getLogger("lmcache")
 # vLLM's medium names (vllm.distributed.kv_events.MEDIUM_*): the CPU tier is "CPU", the disk tier "STORAGE"
 MEDIUM = {"cpu": "CPU", "disk": "STORAGE"}
-
-
-def follow_engine_logging(level: str, engine_logger: str = "vllm") -> None:
-    """Let lmcache's lines reach the engine's log: use the engine logger's handlers (its format, its
-    destination) when lmcache's logger has none of its own; ``log_level`` still rules lmcache's lines."""
-    ours = logging.getLogger("lmcache")
-    ours.setLevel(level)
-    if ours.handlers:
-        return
-    theirs = logging.getLogger(engine_logger)
-    for handler in theirs.handlers:
-        ours.addHandler(handler)
-    if theirs.handlers:
-        ours.propagate = False
 
 
 def offset_port(endpoint: str, dp_rank: int) -> str:
@@ -97,7 +84,7 @@ class LMCacheConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         config = config_from(vllm_config)
-        follow_engine_logging(config.log_level)
+        follow_engine_logging(config.log_level, "vllm")
         if self.forced_mode and config.mode != self.forced_mode:
             config = config.replace(mode=self.forced_mode)
         if kv_cache_config is None:

@@ -88,12 +88,9 @@ class WorkerSide:
         kv.check(self.view.geometry)  # one clear error now instead of one per step
         self.kv = kv
         self.engine = get_engine(self.config, self.view.identity, self.head_range, layers[0].device)
-        listeners = getattr(self.engine.stack, "eviction_listeners", None)
-        if listeners is not None and (self.view.kv_events or self.config.router_events):
-            listeners.append(self._on_evict)
-            poll = getattr(self.engine.stack, "poll_evictions", None)
-            if poll is not None:
-                poll()  # mp mode: start reading the server's eviction log from now
+        if self.view.kv_events or self.config.router_events:
+            self.engine.stack.eviction_listeners.append(self._on_evict)
+            self.engine.stack.poll_evictions()  # mp mode: start reading the server's eviction log from now
 
     # -- per step -----------------------------------------------------------------------------------
 
@@ -216,9 +213,8 @@ class WorkerSide:
 
     def take_stored(self) -> list[StoredChunk]:
         """Chunk events since the last call, in order: stored (cpu), evicted from cpu (None), on disk."""
-        poll = getattr(self.engine.stack, "poll_evictions", None) if self.engine is not None else None
-        if poll is not None and self._announced:  # mp mode: the server evicts, and keeps a log of it
-            poll()
+        if self.engine is not None and self._announced:  # mp mode: the server evicts, and keeps a log of it
+            self.engine.stack.poll_evictions()
         with self._events_lock:
             stored, self._stored = self._stored, []
         return stored

@@ -106,6 +106,9 @@ class RedisTier:
         p = urlsplit(self.url)
         return self.url.replace(f":{p.password}@", ":***@") if p.password else self.url
 
+    def safe_url(self) -> str:
+        return self._safe_url()
+
     def ping(self) -> bool:
         try:
             self.client.ping()

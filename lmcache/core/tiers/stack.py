@@ -8,45 +8,48 @@ memory). Operations are batched per request so that MP mode needs one round trip
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 
 from lmcache.core.chunk_format import ChunkHeader
 from lmcache.core.config import LMCacheConfig
+from lmcache.core.hookspecs import BatchLookup, StorageTier, hookimpl
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
-from lmcache.core.plugins import Registry
+from lmcache.core.store import EXISTS, ChunkStoreSpec, Committed, EvictionListener, ReserveAnswer, StoreRequest
 from lmcache.core.tiers.cpu import CpuEntry, CpuTier
 from lmcache.core.tiers.disk import DiskTier, TierUnavailable
 from lmcache.core.tiers.writeback import WriteBack
 
+if TYPE_CHECKING:
+    from lmcache.core.plugins import Registry
+
 log = logging.getLogger("lmcache")
-EXISTS = "exists"  # reserve_many's answer for a chunk that is already stored
-
-
-@dataclass(frozen=True)
-class Committed:
-    """What ``commit_many`` did: ``stored`` chunks are new; ``refused`` ones are not cached at all (a lost
-    lease, a server that went away); the rest were committed first by another writer (cached all the same)."""
-
-    stored: int
-    refused: int = 0
+__all__ = ["EXISTS", "Committed", "TierStack"]
 
 
 class TierStack:
-    def __init__(self, config: LMCacheConfig, buffer: torch.Tensor, pinned: bool, registry: Registry) -> None:
+    """The in-process ``ChunkStore`` (``lmcache.core.store``): CPU tier, then disk, then a remote tier.
+
+    Invariants: a chunk is in the CPU tier's index only once committed (readers never see a half-written
+    chunk); memory with a reader's reference is never evicted or reused; a chunk leaving the CPU tier is
+    offered to the disk tier first. Lock rules: the CPU tier's lock covers its index and eviction, so
+    ``eviction_listeners`` run under it (they must be quick and must not call back into the stack); lower
+    tiers are written by one write-back thread each and must be thread-safe themselves.
+    """
+
+    def __init__(self, config: LMCacheConfig, buffer: torch.Tensor, pinned: bool, registry: "Registry") -> None:
         self.config = config
         self.cpu = CpuTier(HostMemoryPool(buffer.numel(), pinned, buffer=buffer), on_evict=self._demote)
         #: listener(key, "disk" or None) when a chunk leaves the CPU tier (None: it left the machine's tiers
         #: too, as far as this process knows); adapters turn these into their engine's KV events
-        self.eviction_listeners: list = []
+        self.eviction_listeners: list[EvictionListener] = []
         #: problems met while opening tiers (a tier that cannot work is left out, never fatal)
         self.tier_problems: list[str] = []
         self.disk = self._open_disk(config)
         self.remote = self._open_remote(config, registry)
-        self.lower: list[Any] = [t for t in (self.disk, self.remote) if t is not None]
+        self.lower: list[StorageTier] = [t for t in (self.disk, self.remote) if t is not None]
         # write-back may pin at most a quarter of the CPU pool, shared by the lower tiers
         share = self.cpu.pool.capacity // 4 // max(1, len(self.lower))
         self.writeback = {t.name: WriteBack(t, config.writeback_queue_size, share) for t in self.lower}
@@ -64,7 +67,7 @@ class TierStack:
             return None
 
     @staticmethod
-    def _open_remote(config: LMCacheConfig, registry: Registry) -> Any:
+    def _open_remote(config: LMCacheConfig, registry: "Registry") -> StorageTier | None:
         if not config.remote_url:
             return None
         scheme = config.remote_url.split("://", 1)[0].lower()
@@ -72,7 +75,12 @@ class TierStack:
         if spec is None:
             raise ValueError(f"remote_url '{config.remote_url}': no storage tier handles '{scheme}://'; "
                              f"registered schemes: {', '.join(sorted(registry.tiers))}")
-        return spec.factory(config.remote_url, config)
+        tier = spec.factory(config.remote_url, config)
+        if not isinstance(tier, StorageTier):
+            missing = [m for m in ("name", "stats", "contains", "load", "put", "remove", "close") if not hasattr(tier, m)]
+            raise ValueError(f"the storage tier plugin for '{scheme}://' returned a {type(tier).__name__} without "
+                             f"{', '.join(missing)}: it must implement lmcache.core.hookspecs.StorageTier")
+        return tier
 
     # -- movement between tiers ---------------------------------------------------------------------
 
@@ -113,18 +121,22 @@ class TierStack:
             elif self.disk is not None and self.disk.contains(okey):
                 where.append("disk")
             else:
-                if self.remote is not None:  # one round trip for the rest of the prompt
-                    for found in self.remote.contains_many([okey, *it]):
+                if self.remote is not None:  # one round trip for the rest of the prompt (where the tier can)
+                    rest = [okey, *it]
+                    remote = self.remote
+                    found_all = (remote.contains_many(rest) if isinstance(remote, BatchLookup)
+                                 else (remote.contains(k) for k in rest))
+                    for found in found_all:
                         if not found:
                             break
                         where.append(self.remote.name)
                 break
         return where
 
-    def reserve_many(self, items: list[tuple[ObjectKey, int]]) -> list[Any]:
+    def reserve_many(self, items: list[tuple[ObjectKey, int]]) -> list[ReserveAnswer]:
         """Per (key, nbytes): EXISTS, a MemoryObj to fill, or None when the pool has no room (and for
         every later item: a prefix must stay contiguous)."""
-        out: list[Any] = []
+        out: list[ReserveAnswer] = []
         for okey, nbytes in items:
             if self.cpu.contains(okey):
                 out.append(EXISTS)
@@ -137,7 +149,7 @@ class TierStack:
             out.append(obj)
         return out
 
-    def abort(self, objs: Iterable[Any]) -> None:
+    def abort(self, objs: Iterable[object]) -> None:
         for obj in objs:
             if isinstance(obj, MemoryObj):
                 obj.unref()
@@ -190,6 +202,12 @@ class TierStack:
 
     # -- housekeeping -------------------------------------------------------------------------------
 
+    def poll_evictions(self) -> int:
+        return 0  # in-process: listeners hear evictions as they happen
+
+    def queue_depths(self) -> dict[str, int]:
+        return {name: wb.depth() for name, wb in self.writeback.items()}
+
     def flush(self) -> None:
         for wb in self.writeback.values():
             wb.flush()
@@ -210,3 +228,13 @@ class TierStack:
         for tier in self.lower:
             tier.close()
         self.cpu.clear()
+
+
+def _open(request: StoreRequest) -> TierStack:
+    capacity = int(request.config.max_cpu_size_gb * 2**30)
+    return TierStack(request.config, request.alloc_host(capacity, request.pin), request.pin, request.registry)
+
+
+@hookimpl
+def lmcache_chunk_stores() -> list[ChunkStoreSpec]:
+    return [ChunkStoreSpec("inproc", _open, "the pool inside the engine process, tiers cpu -> disk -> remote")]

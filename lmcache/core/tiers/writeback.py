@@ -52,6 +52,10 @@ class WriteBack:
     def pending(self, key) -> bool:
         return key in self._pending
 
+    def depth(self) -> int:
+        """Chunks queued and not yet written."""
+        return self._queue.qsize()
+
     def _run(self) -> None:
         while True:
             entry = self._queue.get()
