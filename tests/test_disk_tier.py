@@ -164,5 +164,5 @@ def test_failing_disk_writes_are_counted_and_leave_nothing_loadable(tmp_path):
     assert (errors, stores, objects) == (4, 0, 0)
     assert "write failed" in out.stderr
     again = engine(local_disk_path=str(tmp_path / "d"))
-    assert len(again.disk) == 0 and not list((tmp_path / "d").rglob("*.lmc"))
+    assert len(again.stack.disk) == 0 and not list((tmp_path / "d").rglob("*.lmc"))
     assert not list((tmp_path / "d" / "lmcache-v1" / "tmp").iterdir())

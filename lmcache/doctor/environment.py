@@ -121,9 +121,11 @@ def _disk(cfg) -> Iterator[Check]:
         return
     free = shutil.disk_usage(cfg.local_disk_path).free
     room = free + tier.used_bytes
+    chunks = len(tier)
+    tier.close()
     want = cfg.max_local_disk_size_gb * GiB
     status = OK if room >= want else WARN
-    yield Check("disk tier", status, f"{cfg.local_disk_path}: writable, {len(tier)} chunks stored, {free / GiB:.1f} GiB free",
+    yield Check("disk tier", status, f"{cfg.local_disk_path}: writable, {chunks} chunks stored, {free / GiB:.1f} GiB free",
                 "" if status == OK else f"lower max_local_disk_size_gb to {room / GiB:.0f} or free space")
 
 

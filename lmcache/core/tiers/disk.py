@@ -8,13 +8,30 @@ header and payload checksums catch it, and a bad file is counted, deleted and tr
 Warm restart: file names carry the object keys, so start-up lists the directory (and stats each file
 for its size and access time) without reading any payload. Eviction is LRU by last access; across
 restarts the order comes from file modification times, which every hit refreshes.
+
+Several processes on one directory (SGLang TP ranks, vLLM data-parallel engines, two servers) are a
+normal deployment, so nothing here assumes the directory is this process's alone:
+- each process holds an ``flock`` on its own owner file (``owners/<tag>.lock``) for its life and names its
+  temp files with its tag: a starting process deletes only temp files whose owner is dead (the kernel
+  drops a dead process's lock), never another live process's write in flight;
+- an object appears by ``link`` (exclusive: one writer creates it, a second finds it there), and is
+  counted once, by its creator, in one usage counter for the directory (``usage``, updated under the
+  directory lock); capacity is the directory's, not each process's; every unlink that succeeds takes its
+  bytes off again, so evictions by any process keep the whole directory within ``capacity``;
+- each process evicts from its own view in LRU order and, when that is not enough, rescans the directory
+  for objects the others wrote; an object another process evicted is simply a miss here;
+- an object another process wrote is found by its name on the first lookup that misses this process's
+  index (one ``stat``), so processes share what they store. Every read still verifies both checksums.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
+import secrets
+import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -58,6 +75,15 @@ def check_header(raw: bytes, key: ObjectKey) -> ChunkHeader:
 
 
 class DiskTier:
+    """One directory of chunk files, shared safely with other processes (see the module docstring).
+
+    Invariants: a file under its final name is complete (link of a fully written temp file); the
+    directory's usage counter counts each final file once; this process's index is a subset of the
+    directory's objects (a file may vanish under it: a miss). Lock rules: ``_lock`` guards the index and
+    is never held across file I/O; the directory lock (``flock`` on ``lock``) guards the usage counter
+    only, for a few microseconds at a time (a full rescan at start holds it longer).
+    """
+
     name = "disk"
 
     def __init__(self, path: str | os.PathLike, capacity_bytes: int, fsync: bool = False) -> None:
@@ -66,14 +92,18 @@ class DiskTier:
         self.fsync = fsync
         self.stats = TierStats()
         self._index: OrderedDict[ObjectKey, int] = OrderedDict()  # key -> file size, LRU first
-        self._used = 0
         self._lock = threading.Lock()
         self._tmp = self.root / "tmp"
+        self._owners = self.root / "owners"
+        self.tag = secrets.token_hex(8)
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
-            probe = self._tmp / f"probe.{os.getpid()}"
-            probe.write_bytes(b"x")
-            probe.unlink()
+            self._owners.mkdir(exist_ok=True)
+            # held for this process's life: its temp files are its own while it lives
+            self._owner_fd = os.open(self._owners / f"{self.tag}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
+            self._dir_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._usage_fd = os.open(self.root / "usage", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise TierUnavailable(
                 f"local_disk_path '{path}' is not usable ({e.strerror or e}): point it at a writable directory "
@@ -81,14 +111,70 @@ class DiskTier:
             ) from None
         self._scan()
 
+    # -- the directory's usage counter ----------------------------------------------------------------
+
+    def _add_usage(self, delta: int) -> int:
+        """Add ``delta`` bytes to the directory's usage; returns the new total."""
+        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
+        try:
+            raw = os.pread(self._usage_fd, 8, 0)
+            total = max(0, (struct.unpack("<q", raw)[0] if len(raw) == 8 else 0) + delta)
+            os.pwrite(self._usage_fd, struct.pack("<q", total), 0)
+            return total
+        finally:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of chunk files in the directory (every process's)."""
+        return self._add_usage(0)
+
     # -- start-up -----------------------------------------------------------------------------------
 
+    def _owner_alive(self, tag: str) -> bool:
+        try:
+            fd = os.open(self._owners / f"{tag}.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def _scan(self) -> None:
-        for leftover in os.scandir(self._tmp):  # writes cut short by a crash
+        dead: set[str] = set()
+        for leftover in os.scandir(self._tmp):  # writes cut short by a crash; a live process's are left alone
+            parts = leftover.name.split(".")
+            tag = parts[1] if len(parts) >= 3 else ""
+            if tag and tag != self.tag and (tag in dead or not self._owner_alive(tag)):
+                dead.add(tag)
+            elif tag:
+                continue
             try:
                 os.unlink(leftover.path)
             except OSError:
                 pass
+        for owner in os.scandir(self._owners):
+            tag = owner.name.split(".")[0]
+            if tag != self.tag and not self._owner_alive(tag):
+                try:
+                    os.unlink(owner.path)
+                except OSError:
+                    pass
+        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)  # the recount must not interleave with others' counting
+        try:
+            total = self._rescan()
+            os.pwrite(self._usage_fd, struct.pack("<q", total), 0)
+        finally:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
+        self._evict_to(self.capacity)
+
+    def _rescan(self) -> int:
+        """Adopt every object file in the directory into this process's index (oldest first); returns the
+        directory's total bytes."""
         found: list[tuple[float, ObjectKey, int]] = []
         for sub in os.scandir(self.root):
             if not sub.is_dir() or len(sub.name) != 2:
@@ -103,10 +189,15 @@ class DiskTier:
                     continue
                 found.append((st.st_mtime, key, st.st_size))
         found.sort(key=lambda x: x[0])
-        for _, key, size in found:
-            self._index[key] = size
-            self._used += size
-        self._evict_to(self.capacity)
+        with self._lock:
+            known = dict(self._index)
+            self._index.clear()
+            for _, key, size in found:
+                self._index[key] = size
+            for key in known:  # what this process touched keeps its recency over what it only found now
+                if key in self._index:
+                    self._index.move_to_end(key)
+        return sum(size for _, _, size in found)
 
     # -- paths --------------------------------------------------------------------------------------
 
@@ -118,12 +209,16 @@ class DiskTier:
     def __len__(self) -> int:
         return len(self._index)
 
-    @property
-    def used_bytes(self) -> int:
-        return self._used
-
     def contains(self, key: ObjectKey) -> bool:
-        return key in self._index
+        if key in self._index:
+            return True
+        try:  # written by another process since this one started: one stat, on a miss only
+            size = os.stat(self._path(key)).st_size
+        except OSError:
+            return False
+        with self._lock:
+            self._index.setdefault(key, size)
+        return True
 
     def load(self, key: ObjectKey, alloc: Callable[[int], MemoryObj | None]) -> tuple[ChunkHeader, MemoryObj] | None:
         """Read and verify an object into memory from ``alloc(payload_nbytes)``; None on miss or corruption."""
@@ -188,7 +283,8 @@ class DiskTier:
             self.stats.drops += 1
             return False
         final = self._path(key)
-        tmp = self._tmp / f"{key}.{os.getpid()}.{threading.get_ident()}"
+        tmp = self._tmp / f"{key}.{self.tag}.{threading.get_ident()}"
+        created = False
         try:
             final.parent.mkdir(exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -199,7 +295,12 @@ class DiskTier:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
+            try:
+                os.link(tmp, final)  # atomic and exclusive: exactly one writer creates the object
+                created = True
+            except FileExistsError:
+                pass  # another process stored it first: same bytes
+            os.unlink(tmp)
         except OSError as e:
             try:
                 os.unlink(tmp)
@@ -212,42 +313,48 @@ class DiskTier:
                 log.warning("lmcache disk tier: write failed under %s: %s; chunk dropped", self.root, e)
             return False
         with self._lock:
-            if key not in self._index:
-                self._index[key] = size
-                self._used += size
+            self._index[key] = size
+            self._index.move_to_end(key)
+        if not created:
+            return True
         self.stats.stores += 1
         self.stats.bytes_in += len(payload)
-        self._evict_to(self.capacity)
+        if self._add_usage(size) > self.capacity:
+            self._evict_to(self.capacity)
         return True
 
     def _forget(self, key: ObjectKey) -> int | None:
         with self._lock:
-            size = self._index.pop(key, None)
-            if size is not None:
-                self._used -= size
-            return size
+            return self._index.pop(key, None)
 
-    def remove(self, key: ObjectKey) -> bool:
-        if self._forget(key) is None:
-            return False
+    def _unlink(self, key: ObjectKey) -> bool:
+        """Delete an object file; its bytes leave the directory's count only if this call deleted it."""
+        path = self._path(key)
         try:
-            os.unlink(self._path(key))
+            size = os.stat(path).st_size
+            os.unlink(path)
         except OSError:
-            pass
+            return False  # gone already: whoever deleted it took its bytes off
+        self._add_usage(-size)
         return True
 
+    def remove(self, key: ObjectKey) -> bool:
+        known = self._forget(key) is not None
+        return self._unlink(key) or known
+
     def _evict_to(self, limit: int) -> None:
-        while True:
+        rescanned = False
+        while self._add_usage(0) > limit:
             with self._lock:
-                if self._used <= limit or not self._index:
-                    return
-                key, size = self._index.popitem(last=False)
-                self._used -= size
-            self.stats.evictions += 1
-            try:
-                os.unlink(self._path(key))
-            except OSError:
-                pass
+                victim = self._index.popitem(last=False)[0] if self._index else None
+            if victim is None:
+                if rescanned:
+                    return  # nothing left to evict that this process can see
+                self._rescan()  # the rest is other processes' objects: learn them, oldest first
+                rescanned = True
+                continue
+            if self._unlink(victim):
+                self.stats.evictions += 1
 
     def clear(self) -> int:
         keys = list(self._index)
@@ -256,4 +363,13 @@ class DiskTier:
         return len(keys)
 
     def close(self) -> None:
-        pass
+        if self._owner_fd < 0:
+            return
+        os.close(self._usage_fd)
+        os.close(self._dir_fd)
+        try:
+            os.unlink(self._owners / f"{self.tag}.lock")
+        except OSError:
+            pass
+        os.close(self._owner_fd)
+        self._owner_fd = -1
