@@ -18,8 +18,7 @@ import sys
 
 
 async def main(zmq_endpoint: str, block_size: int) -> None:
-    from dynamo.llm import (KvEventPublisher, KvRouter, KvRouterConfig, ModelInput, ModelType, WorkerType,
-                            register_model)
+    from dynamo.llm import KvEventPublisher, KvRouter, KvRouterConfig, ModelInput, ModelType, WorkerType, register_model
     from dynamo.runtime import DistributedRuntime
 
     loop = asyncio.get_running_loop()

@@ -39,7 +39,7 @@ class DynamoIndexer:
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"dynamo.indexer did not start:\n{self.log()}")
+                    raise RuntimeError(f"dynamo.indexer did not start:\n{self.log()}") from None
                 time.sleep(0.1)
 
     def query(self, token_ids: list[int], **namespace) -> dict:

@@ -4,7 +4,6 @@ classes need torchvision/tvm_ffi to import; their layout code is mirrored here, 
 
 from __future__ import annotations
 
-
 from engineutil import require_engine  # noqa: E402
 
 sglang = require_engine("sglang", ".ci/run installs sglang==0.5.23 --no-deps")

@@ -11,7 +11,7 @@ from kvutil import DTYPES, VLLM_ORDERS, read_token, same_tokens, sglang_host_lay
 from lmcache.core import convert
 from lmcache.core.config import load_config
 from lmcache.core.engine import CacheEngine
-from lmcache.core.geometry import KIND_MLA, KIND_MHA, KVGeometry, ModelIdentity
+from lmcache.core.geometry import KIND_MHA, KIND_MLA, KVGeometry, ModelIdentity
 
 LAYOUTS = [*VLLM_ORDERS, "sglang", "sglang-host/layer_first", "sglang-host/page_first"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sglangutil import HostPool, batch_exists, make_backend, page_keys  # noqa: E402
 from vllmutil import CpuVllm, expected_kv, vllm_config, write_model_dir  # noqa: E402
 

@@ -112,7 +112,7 @@ def test_sigkill_during_writes_never_leaves_a_loadable_wrong_chunk(tmp_path):
     script.write_text(WRITER)
     rng = random.Random(0)
     start = 0
-    for round_ in range(6):
+    for _round in range(6):
         before = len(list((tmp_path / "disk").rglob("*.lmc")))
         proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "disk"), str(start)])
         deadline = time.monotonic() + 60

@@ -14,10 +14,9 @@ import sys
 import time
 
 import pytest
+from dynamoutil import DynamoIndexer, free_port  # noqa: E402  (skips when ai-dynamo is absent)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from dynamoutil import DynamoIndexer, free_port  # noqa: E402  (skips when ai-dynamo is absent)
 from vllmutil import CpuVllm, vllm_config, write_model_dir  # noqa: E402  (skips when vllm is absent)
 
 from lmcache.adapters.dynamo.events import DynamoEventPublisher, local_block_hashes, sequence_hashes

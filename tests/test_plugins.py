@@ -86,10 +86,11 @@ def test_outside_plugin_is_found_and_used_and_failures_are_named(plugin_site):
     assert "typo" not in reg.plugins
 
     # the higher-priority plugin backend is what "auto" picks, and it really runs the copies
+    from kvutil import vllm_layout
+
     from lmcache.core.config import load_config
     from lmcache.core.engine import CacheEngine
     from lmcache.core.geometry import KVGeometry, ModelIdentity
-    from kvutil import vllm_layout
 
     g = KVGeometry(1, 1, 4, 4, torch.float32)
     e = CacheEngine(load_config(env={}, overrides={"chunk_size": 4, "max_cpu_size_gb": 0.001}),

@@ -114,8 +114,8 @@ def test_two_processes_share_one_redis(redis_server, tmp_path):
     out = subprocess.run([sys.executable, str(script), redis_server.url, os.path.dirname(__file__)],
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "stored", out.stderr
-    from tierutil import source
     from kvutil import slots_for
+    from tierutil import source
 
     here = engine(remote_url=redis_server.url)
     toks = prompt(80, 42)

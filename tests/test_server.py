@@ -187,7 +187,7 @@ def fuzz_server():
     if counters["errors"]:  # answered too, but through the internal-error path: worth a look, not a failure
         import warnings
 
-        warnings.warn(f"server hit {counters['errors']} internal errors under fuzzing:\n{s.output[-3000:]}")
+        warnings.warn(f"server hit {counters['errors']} internal errors under fuzzing:\n{s.output[-3000:]}", stacklevel=1)
 
 
 def test_token_and_bind_rules(tmp_path):

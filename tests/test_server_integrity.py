@@ -136,9 +136,8 @@ def test_a_writer_stalled_past_any_limit_never_overwrites_another_clients_chunks
         kv, slots = store(victim, toks, seed=51)  # wants all 8: only the 4 free ones can be had
         assert _resume(writer) == "stored 4 0"  # its memory was its own all along
         assert retrieved_exactly(victim, toks, kv, slots) == 64
-        from tierutil import source
-
         from kvutil import slots_for
+        from tierutil import source
 
         w_kv, w_slots = source(50), slots_for(64, 1024, 16, True, 50)
         assert retrieved_exactly(victim, prompt(64, 50), w_kv, w_slots) == 64
@@ -520,9 +519,8 @@ def test_a_refused_commit_is_not_announced_as_stored():
 
         e.backend.gather = gather_across_a_restart
         toks = prompt(64, 12)
-        from tierutil import source
-
         from kvutil import slots_for
+        from tierutil import source
 
         result = e.store(toks, source(12), slots_for(64, 1024, 16, True, 12))
         assert result.stored_indices == [] and result.stored_chunks == 0 and result.dropped_chunks == 4

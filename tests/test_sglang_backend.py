@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sglangutil import HostPool, StorageBackendFactory, batch_exists, make_backend, page_keys  # noqa: E402,F401
 
 from lmcache.core import shared
@@ -101,7 +100,6 @@ def test_printed_sglang_line_is_accepted_by_sglang_and_loads_this_backend(tmp_pa
     import sys
 
     from sglang.srt.server_args import ServerArgs
-
     from sglangutil import storage_config
 
     r = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "launch-flags", "sglang", "--model", "m", "--set",
@@ -119,3 +117,87 @@ def test_printed_sglang_line_is_accepted_by_sglang_and_loads_this_backend(tmp_pa
     backend = StorageBackendFactory.create_backend("dynamic", storage_config(extra), pool)
     backend.register_mem_pool_host(pool)
     assert type(backend).__name__ == "LMCacheHiCacheStorage" and backend.config.chunk_size == 32
+
+
+def _sglang_storage_metrics_type():
+    """SGLang's own ``StorageMetrics`` dataclass, built from its source: the module that defines it imports
+    SGLang's model configs, which need torchvision, which does not import beside the CPU torch here."""
+    import ast
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sglang")
+    source = Path(spec.origin).parent / "srt" / "observability" / "metrics_collector.py"
+    tree = ast.parse(source.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "StorageMetrics")
+    fields = [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)]
+    collector = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "StorageMetricsCollector")
+    logged = ast.unparse(next(f for f in collector.body if isinstance(f, ast.FunctionDef) and f.name == "log_storage_metrics"))
+    assert all(f"storage_metrics.{name}" in logged for name in fields)  # what the collector reads
+    return dataclasses.make_dataclass("StorageMetrics", [(f, list, dataclasses.field(default_factory=list)) for f in fields])
+
+
+def test_get_stats_fills_sglangs_own_metrics_type():
+    metrics_type = _sglang_storage_metrics_type()
+    pool = HostPool("layer_first", PS, pages=16, layers=2, heads=2, head_dim=16)
+    backend = make_backend(extra(), pool)
+    toks = tokens(96)  # 3 pages
+    keys = page_keys(toks, PS)
+    fill(pool, toks, host_start=0)
+    assert backend.batch_set_v1(keys, torch.arange(0, 3 * PS)) == [True] * 3
+    assert backend.batch_get_v1(keys, torch.arange(5 * PS, 8 * PS)) == [True] * 3
+    stats = backend.storage_metrics(metrics_type)
+    assert stats.backup_pgs == [3] and stats.prefetch_pgs == [3]
+    assert all(b > 0 for b in stats.backup_bandwidth + stats.prefetch_bandwidth)
+    again = backend.storage_metrics(metrics_type)  # drained: each batch is reported once
+    assert again.prefetch_pgs == [] and again.backup_pgs == []
+    backend.close()
+    assert backend.engine is None  # let go of its pool
+
+
+def test_close_lets_the_server_forget_the_client_and_a_killed_process_is_forgotten_too(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from serverutil import ServerProcess
+
+    server = ServerProcess("--chunk-size", str(PS)).start()
+    try:
+        pool = HostPool("layer_first", PS, pages=8, layers=2, heads=2, head_dim=16)
+        backend = make_backend(extra(mode="mp", server_url=server.url), pool)
+        toks = tokens(64)
+        fill(pool, toks, host_start=0)
+        assert backend.batch_set_v1(page_keys(toks, PS), torch.arange(0, 2 * PS)) == [True] * 2
+        assert server.http("GET", "/stats")["sessions"] == 1
+        backend.close()  # SGLang's shutdown path
+        deadline = time.monotonic() + 10
+        while server.http("GET", "/stats")["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.http("GET", "/stats")["sessions"] == 0
+
+        script = tmp_path / "sglang_like.py"  # a process that is SIGTERMed without closing anything
+        script.write_text(textwrap.dedent(f"""
+            import sys, time, torch
+            sys.path.insert(0, {repr(str(__import__("pathlib").Path(__file__).parent))})
+            from sglangutil import HostPool, make_backend, page_keys
+            pool = HostPool("layer_first", {PS}, pages=8, layers=2, heads=2, head_dim=16)
+            backend = make_backend({{"lmcache.chunk_size": {PS}, "lmcache.mode": "mp", "lmcache.server_url": {server.url!r}}}, pool)
+            toks = [(i * 7) % 900 + 3 for i in range({PS})]
+            backend.batch_set_v1(page_keys(toks, {PS}), torch.arange(0, {PS}))
+            print("connected", flush=True)
+            time.sleep(600)
+        """))
+        p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "connected"
+        assert server.http("GET", "/stats")["sessions"] == 1
+        p.terminate()
+        p.wait()
+        deadline = time.monotonic() + 10
+        while server.http("GET", "/stats")["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.http("GET", "/stats")["sessions"] == 0
+    finally:
+        server.stop()

@@ -10,11 +10,10 @@ import os
 
 import pytest
 import torch
+from engineutil import require_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvutil import DTYPES, VLLM_ORDERS, read_token, sglang_layout, slots_for, vllm_layout
-
-from engineutil import require_engine
 
 require_engine("triton", ".ci/run installs triton (vLLM's requirements pull it in too)")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from vllmutil import CpuVllm, vllm_config, write_model_dir  # noqa: E402  (skips when vllm is absent)
 
 from lmcache.core import shared

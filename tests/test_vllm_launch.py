@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from vllmutil import write_model_dir  # noqa: E402  (skips when vllm is absent)
 
 

@@ -8,12 +8,11 @@ recompute. This checks what K, V, heads and positions mean, not only that bytes 
 from __future__ import annotations
 
 import torch
-
+import transformers  # noqa: E402,F401  (a vLLM requirement: installed wherever these tests run)
 from vllmutil import CpuVllm, vllm_config, write_model_dir  # noqa: E402  (skips when vllm is absent)
 
 from lmcache.core import shared
 
-import transformers  # noqa: E402,F401  (a vLLM requirement: installed wherever these tests run)
 CS = 32
 
 

@@ -240,7 +240,7 @@ def _send(name: str, url: str, model: str, req: Request, timeout: float) -> Outc
 
 def _warm_up(name: str, url: str, model: str, args: argparse.Namespace, say) -> None:
     words = Words(args.vocab_from, args.seed + 10_000)  # prompts no measured request shares
-    for i in range(args.warmup):  # a fresh engine's first requests compile kernels: not measured
+    for _ in range(args.warmup):  # a fresh engine's first requests compile kernels: not measured
         try:
             first_token_seconds(url, model, words.text(args.unique_tokens), args.timeout)
         except Exception as e:

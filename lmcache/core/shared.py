@@ -39,6 +39,14 @@ def find_engine(config: LMCacheConfig, identity: ModelIdentity, head_range: tupl
         return _engines.get(_key(config, identity, head_range))
 
 
+def release(engine: CacheEngine) -> None:
+    """Forget and close one engine (its owner is shutting down); a later get_engine makes a new one."""
+    with _lock:
+        for key in [k for k, e in _engines.items() if e is engine]:
+            del _engines[key]
+    engine.close()
+
+
 def close_all() -> None:
     with _lock:
         engines = list(_engines.values())

@@ -22,8 +22,8 @@ import zmq
 from lmcache.core.chunk_format import ChunkHeader, byte_view
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.geometry import DTYPE_CODES, ModelIdentity
-from lmcache.core.keys import ObjectKey
 from lmcache.core.hookspecs import hookimpl
+from lmcache.core.keys import ObjectKey
 from lmcache.core.store import EXISTS, ChunkStoreSpec, Committed, EvictionListener, ReserveAnswer, StoreRequest
 from lmcache.core.tiers.stats import TierStats
 from lmcache.server.local_auth import ClientLock, read_local_secret

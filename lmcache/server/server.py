@@ -37,7 +37,8 @@ from lmcache.core.store import EXISTS
 from lmcache.core.tiers.stack import TierStack
 from lmcache.server import local_auth
 from lmcache.server.local_auth import LivenessProbe, ServerKey, tokens_equal
-from lmcache.server.protocol import OPS, PROTOCOL_VERSION, ProtocolError, decode, encode, field as need, short
+from lmcache.server.protocol import OPS, PROTOCOL_VERSION, ProtocolError, decode, encode, short
+from lmcache.server.protocol import field as need
 from lmcache.server.shm import SharedBuffer
 
 log = logging.getLogger("lmcache")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, List, Optional
 
 import torch
@@ -25,7 +26,7 @@ from lmcache.core.config import LMCacheConfig, config_keys, load_config
 from lmcache.core.engine import CacheEngine
 from lmcache.core.geometry import KIND_MLA, KVGeometry, ModelIdentity
 from lmcache.core.keys import ChunkHasher
-from lmcache.core.shared import get_engine
+from lmcache.core.shared import get_engine, release
 
 log = logging.getLogger("lmcache")
 
@@ -54,6 +55,10 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         self.engine: CacheEngine | None = None
         self.hasher: ChunkHasher | None = None
         self.mem_pool_host = None
+        # per batch since the last get_stats(), as SGLang's metrics collector reads them: pages, GB/s
+        self._prefetch: list[tuple[int, float]] = []
+        self._backup: list[tuple[int, float]] = []
+        self._page_bytes = 0
 
     # -- setup ----------------------------------------------------------------------------------------
 
@@ -78,6 +83,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         identity = ModelIdentity(self.config.model_name or sc.model_name or "", geometry)
         self.engine = get_engine(self.config, identity, self.head_range, buf.device)
         self.hasher = self.engine.hasher()
+        self._page_bytes = geometry.bytes_per_token(self.head_range[1] - self.head_range[0]) * pool.page_size
         self.page_size = pool.page_size
         self.layout = pool.layout
         if self.layout in host_layout.TOKEN_MAJOR:
@@ -96,6 +102,23 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         return self.engine.lookup_chunks(self._keys(keys))
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info: Any = None) -> List[bool]:
+        t0 = time.perf_counter()
+        done = self._get_v1(keys, host_indices)
+        self._record(self._prefetch, sum(done), t0)
+        return done
+
+    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info: Any = None) -> List[bool]:
+        t0 = time.perf_counter()
+        done = self._set_v1(keys, host_indices)
+        self._record(self._backup, sum(done), t0)
+        return done
+
+    def _record(self, into: list[tuple[int, float]], pages: int, t0: float) -> None:
+        if pages and len(into) < 10_000:  # bounded even if nobody ever reads the stats
+            seconds = max(time.perf_counter() - t0, 1e-9)
+            into.append((pages, pages * self._page_bytes / seconds / 1e9))
+
+    def _get_v1(self, keys: List[str], host_indices: torch.Tensor) -> List[bool]:
         ck = self._keys(keys)
         ps = self.page_size
         if self.layout in host_layout.TOKEN_MAJOR:
@@ -110,7 +133,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
                 loaded += 1
         return [i < loaded for i in range(len(ck))]
 
-    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info: Any = None) -> List[bool]:
+    def _set_v1(self, keys: List[str], host_indices: torch.Tensor) -> List[bool]:
         if not self.storage_config.is_storage_writer:
             return [True] * len(keys)  # another rank holds the same (MLA) bytes and writes them
         ck = self._keys(keys)
@@ -172,8 +195,32 @@ class LMCacheHiCacheStorage(HiCacheStorage):
             self.engine.clear()
 
     def get_stats(self):
-        return self.engine.tier_stats() if self.engine is not None else None
+        """SGLang's own ``StorageMetrics`` (its metrics collector asserts the type): pages and GB/s of each
+        prefetch (lmcache -> host pool) and backup (host pool -> lmcache) batch since the last call."""
+        from sglang.srt.observability.metrics_collector import StorageMetrics
+
+        return self.storage_metrics(StorageMetrics)
+
+    def storage_metrics(self, metrics_type: Any) -> Any:
+        """Fill a fresh ``metrics_type`` (SGLang's ``StorageMetrics``: four lists) and start over."""
+        metrics = metrics_type()
+        for pages, gbps in self._prefetch:
+            metrics.prefetch_pgs.append(pages)
+            metrics.prefetch_bandwidth.append(gbps)
+        for pages, gbps in self._backup:
+            metrics.backup_pgs.append(pages)
+            metrics.backup_bandwidth.append(gbps)
+        self._prefetch, self._backup = [], []
+        return metrics
+
+    def tier_stats(self) -> dict:
+        """lmcache's per-tier counters (what ``get_stats`` returned before SGLang's metrics type)."""
+        return self.engine.tier_stats() if self.engine is not None else {}
 
     def close(self) -> None:
+        """SGLang's shutdown: write-backs flushed, the pool (or the server connection) let go. A process
+        killed before this runs is noticed by ``lmcache server`` all the same (its liveness lock goes)."""
         if self.engine is not None:
-            self.engine.flush()
+            engine, self.engine = self.engine, None
+            engine.flush()
+            release(engine)

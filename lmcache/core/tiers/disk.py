@@ -15,9 +15,10 @@ normal deployment, so nothing here assumes the directory is this process's alone
   temp files with its tag: a starting process deletes only temp files whose owner is dead (the kernel
   drops a dead process's lock), never another live process's write in flight;
 - an object appears by ``link`` (exclusive: one writer creates it, a second finds it there), and is
-  counted once, by its creator, in one usage counter for the directory (``usage``, updated under the
-  directory lock); capacity is the directory's, not each process's; every unlink that succeeds takes its
-  bytes off again, so evictions by any process keep the whole directory within ``capacity``;
+  counted once, by its creator, in one usage counter for the directory (``usage``); the link and its
+  count, and every unlink and its uncount, happen under the directory lock, so the counter always equals
+  the files' total; capacity is the directory's, not each process's, and evictions by any process keep
+  the whole directory within ``capacity``;
 - each process evicts from its own view in LRU order and, when that is not enough, rescans the directory
   for objects the others wrote; an object another process evicted is simply a miss here;
 - an object another process wrote is found by its name on the first lookup that misses this process's
@@ -117,12 +118,15 @@ class DiskTier:
         """Add ``delta`` bytes to the directory's usage; returns the new total."""
         fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
         try:
-            raw = os.pread(self._usage_fd, 8, 0)
-            total = max(0, (struct.unpack("<q", raw)[0] if len(raw) == 8 else 0) + delta)
-            os.pwrite(self._usage_fd, struct.pack("<q", total), 0)
-            return total
+            return self._add_usage_locked(delta)
         finally:
             fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
+
+    def _add_usage_locked(self, delta: int) -> int:
+        raw = os.pread(self._usage_fd, 8, 0)
+        total = max(0, (struct.unpack("<q", raw)[0] if len(raw) == 8 else 0) + delta)
+        os.pwrite(self._usage_fd, struct.pack("<q", total), 0)
+        return total
 
     @property
     def used_bytes(self) -> int:
@@ -295,11 +299,17 @@ class DiskTier:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            # the link and its count happen together under the directory lock, so a recount never sees one
+            # without the other
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
             try:
                 os.link(tmp, final)  # atomic and exclusive: exactly one writer creates the object
                 created = True
+                total = self._add_usage_locked(size)
             except FileExistsError:
                 pass  # another process stored it first: same bytes
+            finally:
+                fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
             os.unlink(tmp)
         except OSError as e:
             try:
@@ -319,7 +329,7 @@ class DiskTier:
             return True
         self.stats.stores += 1
         self.stats.bytes_in += len(payload)
-        if self._add_usage(size) > self.capacity:
+        if total > self.capacity:
             self._evict_to(self.capacity)
         return True
 
@@ -330,13 +340,17 @@ class DiskTier:
     def _unlink(self, key: ObjectKey) -> bool:
         """Delete an object file; its bytes leave the directory's count only if this call deleted it."""
         path = self._path(key)
+        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)  # the unlink and its count together (see put)
         try:
             size = os.stat(path).st_size
             os.unlink(path)
         except OSError:
             return False  # gone already: whoever deleted it took its bytes off
-        self._add_usage(-size)
-        return True
+        else:
+            self._add_usage_locked(-size)
+            return True
+        finally:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
 
     def remove(self, key: ObjectKey) -> bool:
         known = self._forget(key) is not None
