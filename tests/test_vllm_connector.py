@@ -358,3 +358,32 @@ def test_layerwise_load_waits_per_layer_and_frees_its_chunks(model_dir, server, 
     if mode == "inproc":
         engine = worker.engine
         assert engine.clear() == 6 and engine.stack.cpu.pool.stats()["used"] == 0  # no chunk still held by a load
+
+
+def test_lmcache_figures_reach_vllms_scheduler_stats_and_prometheus(model_dir):
+    """Through vLLM's KV-connector stats interface: worker -> vLLM's output aggregator -> scheduler stats
+    -> vLLM's own Prometheus logger (its metric classes, its engine labels)."""
+    import functools
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from lmcache.adapters.vllm import LMCacheConnector
+
+    a = CpuVllm(vllm_config(model_dir, extra()))
+    a.add("A", prompt(200))
+    stored = sum(r.scheduler_stats.kv_connector_stats.get("stored_tokens", 0) for r in a.run()
+                 if r.scheduler_stats is not None and r.scheduler_stats.kv_connector_stats)
+    assert stored == 192  # the full chunks of the prompt, reported once
+    b = CpuVllm(vllm_config(model_dir, extra()))
+    b.add("B", prompt(150) + [5, 6, 7])
+    first = b.step()
+    data = first.scheduler_stats.kv_connector_stats
+    assert data["loaded_tokens"] == 128 and data["load_seconds"] > 0
+    stats = LMCacheConnector.build_kv_connector_stats(data)
+    assert stats.reduce()["lmcache_loaded_tokens"] == 128 and not stats.is_empty()
+    registry = CollectorRegistry()  # vLLM passes its metric classes; these register in a registry of the test's
+    kinds = {kind: functools.partial(kind, registry=registry) for kind in (Gauge, Counter, Histogram)}
+    prom = LMCacheConnector.build_prom_metrics(b.config, kinds, ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe(data, engine_idx=0)
+    assert registry.get_sample_value("vllm:lmcache_loaded_tokens_total", {"model_name": "m", "engine": "0"}) == 128
+    b.run()

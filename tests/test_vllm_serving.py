@@ -46,6 +46,10 @@ def test_in_process_mode_hits_with_vllms_default_executor_and_spills_to_disk(mod
         warm = engine.complete(short)
         assert same_answer(cold, warm), (cold, warm)
         assert engine.metric(HITS) == 3 * CHUNK  # every full chunk below the last token came from lmcache
+        # lmcache's own figures, through vLLM's KV-connector stats, in vLLM's /metrics
+        assert engine.metric("vllm:lmcache_loaded_tokens_total") == 3 * CHUNK
+        assert engine.metric("vllm:lmcache_stored_tokens_total") == 3 * CHUNK
+        assert engine.metric("vllm:lmcache_load_seconds_total") > 0
 
         long = words(model, 20 * CHUNK + 40, 2)  # more than the CPU tier holds: it pushes the short prompt out
         cold_long = engine.complete(long)

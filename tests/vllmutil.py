@@ -125,6 +125,8 @@ class StepResult:
     output: object
     load_errors: set = field(default_factory=set)
     events: list = field(default_factory=list)
+    #: the scheduler's stats of this step (vLLM's SchedulerStats), as its metrics loggers get them
+    scheduler_stats: object = None
 
 
 class CpuVllm:
@@ -248,14 +250,16 @@ class CpuVllm:
             w.connector.wait_for_save()
             kvo = KVConnectorOutput(invalid_block_ids=w.connector.get_block_ids_with_load_errors() | (
                 result.load_errors if w is self.workers[0] else set()),
-                kv_cache_events=w.connector.get_kv_connector_kv_cache_events())
+                kv_cache_events=w.connector.get_kv_connector_kv_cache_events(),
+                kv_connector_stats=w.connector.get_kv_connector_stats())
             w.connector.clear_connector_metadata()
             outputs.append(ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
                                              sampled_token_ids=[sampled[r] for r in ids], logprobs=None,
                                              prompt_logprobs_dict={}, pooler_output=None, kv_connector_output=kvo))
         # vLLM's own executor-side merge of the workers' outputs (load errors, events)
         out = self.aggregator.aggregate(outputs, output_rank=0)
-        self.scheduler.update_from_output(so, out)
+        engine_outputs = self.scheduler.update_from_output(so, out)
+        result.scheduler_stats = next((o.scheduler_stats for o in engine_outputs.values() if o.scheduler_stats), None)
         result.output = so
         return result
 

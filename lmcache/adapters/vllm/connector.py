@@ -7,6 +7,7 @@ the core.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Iterable
 
@@ -99,6 +100,7 @@ class LMCacheConnector(KVConnectorBase_V1):
         self._lookup_engine: CacheEngine | None = None
         self._lookup_client: LookupClient | None = None
         self._lookup_server: LookupServer | None = None
+        self._reported: dict[str, float] | None = None  # worker figures at the last stats report
         self._router = None
         dp_rank = getattr(getattr(vllm_config, "parallel_config", None), "data_parallel_rank", 0) or 0
         self._channel = channel_address(str(self._kv_transfer_config.engine_id), dp_rank)
@@ -235,6 +237,31 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker else set()
+
+    def get_kv_connector_stats(self):
+        """The worker's figures since the last call, for vLLM's metrics (rank 0 only: see stats.py)."""
+        if self._worker is None or self._worker.tp_rank != 0:
+            return None
+        from lmcache.adapters.vllm.stats import FIELDS, LMCacheConnectorStats
+
+        figures = dataclasses.asdict(self._worker.stats)
+        now = {key: figures[key] for key in FIELDS}
+        last = self._reported or {key: 0 for key in FIELDS}
+        self._reported = now
+        stats = LMCacheConnectorStats(data={key: now[key] - last[key] for key in FIELDS})
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        from lmcache.adapters.vllm.stats import LMCacheConnectorStats
+
+        return LMCacheConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from lmcache.adapters.vllm.stats import LMCachePromMetrics
+
+        return LMCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_kv_connector_kv_cache_events(self) -> LMCacheKVEvents | None:
         stored = self._worker.take_stored() if self._worker else []

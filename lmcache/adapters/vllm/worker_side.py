@@ -53,9 +53,12 @@ class WorkerStats:
     loaded_tokens: int = 0
     failed_load_tokens: int = 0
     saved_chunks: int = 0
+    stored_tokens: int = 0
     existing_chunks: int = 0
     dropped_chunks: int = 0
     save_errors: int = 0
+    load_seconds: float = 0.0
+    save_seconds: float = 0.0
 
 
 class WorkerSide:
@@ -117,6 +120,7 @@ class WorkerSide:
                 loaded = 0
             good = max(loaded, plan.load_start)
             self.stats.loaded_tokens += good - plan.load_start
+            self.stats.load_seconds += time.perf_counter() - t0
             if good > plan.load_start:
                 log.info("lmcache: %s: loaded %d cached tokens [%d, %d) in %.1f ms", plan.req_id, good - plan.load_start,
                          plan.load_start, good, (time.perf_counter() - t0) * 1e3)
@@ -155,6 +159,8 @@ class WorkerSide:
                     log.error("lmcache: saving %s failed (%s: %s)", plan.req_id, type(e).__name__, e)
                     continue
                 self.stats.saved_chunks += result.stored_chunks
+                self.stats.stored_tokens += result.stored_tokens
+                self.stats.save_seconds += time.perf_counter() - t0
                 self.stats.existing_chunks += result.existing_chunks
                 self.stats.dropped_chunks += result.dropped_chunks
                 if result.stored_chunks or result.dropped_chunks:
