@@ -83,3 +83,12 @@ def test_set_flags_and_replace():
         parse_set_flags(["chunk_size"])
     cfg = load_config(env={}).replace(chunk_size=64)
     assert isinstance(cfg, LMCacheConfig) and cfg.chunk_size == 64 and cfg.source_of("chunk_size") == "override"
+
+
+def test_the_readme_config_table_is_the_config_model():
+    from pathlib import Path
+
+    from lmcache.cli.main import markdown_keys
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert markdown_keys() in readme, "README's config table is stale: paste `lmcache config keys --markdown` into it"

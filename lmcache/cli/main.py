@@ -54,7 +54,22 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def markdown_keys() -> str:
+    """The README's config table, made from the config model (a test keeps the README equal to it)."""
+    def default(value: object) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        return '""' if value == "" else str(value)
+
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{k}` | {default(d)} | {doc.replace('|', '/')} |" for k, _, d, doc in describe_keys()]
+    return "\n".join(rows)
+
+
 def cmd_config_keys(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(markdown_keys())
+        return 0
     data = [{"key": k, "type": t, "default": d, "doc": doc} for k, t, d, doc in describe_keys()]
     emit(args, data, lambda d: table("lmcache config keys (env: LMCACHE_<KEY>)", ["key", "type", "default", "doc"],
                                      [[x["key"], x["type"], repr(x["default"]), x["doc"]] for x in d]))
@@ -76,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_config_show)
     keys = cfg_sub.add_parser("keys", help="every config key with its default and doc line")
     keys.add_argument("--json", action="store_true", help="machine-readable output")
+    keys.add_argument("--markdown", action="store_true", help="the README's table")
     keys.set_defaults(func=cmd_config_keys)
 
     bench.add_parsers(sub)

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import xxhash
 
 from lmcache.core.geometry import CODE_DTYPES, DTYPE_CODES, KIND_CODES, KVGeometry
+
+if TYPE_CHECKING:
+    from lmcache.core.keys import ObjectKey
 
 MAGIC = b"LMCK"
 FORMAT_VERSION = 1
@@ -96,6 +100,18 @@ def header_for(geometry: KVGeometry, model_fingerprint: bytes, chunk_key: bytes,
     nbytes = (head_end - head_start) * geometry.num_layers * num_tokens * geometry.row_dim * geometry.elem_size
     return ChunkHeader(geometry.dtype, geometry.kind, num_tokens, geometry.num_layers, geometry.num_kv_heads,
                        head_start, head_end, geometry.k_dim, geometry.v_dim, model_fingerprint, chunk_key, nbytes)
+
+
+def check_header(raw: bytes | memoryview, key: "ObjectKey") -> ChunkHeader:
+    """The header of an object read back under ``key``: well formed (its own checksum), naming that key and
+    head range, and with size fields that agree; else ``ChunkCorrupt``. Every tier and the server use this
+    one check, so "another key's object" and "a header that lies about its size" are caught the same way."""
+    header = ChunkHeader.unpack(raw)
+    if (header.chunk_key, header.head_start, header.head_end) != (key.chunk, key.head_start, key.head_end):
+        raise ChunkCorrupt("object holds another key")
+    if header.payload_nbytes != header.expected_nbytes():
+        raise ChunkCorrupt("header size fields disagree")
+    return header
 
 
 def byte_view(t: torch.Tensor) -> memoryview:

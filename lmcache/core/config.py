@@ -204,6 +204,30 @@ def load_config(
     return _build(values, sources)
 
 
+EXTRA_PREFIX = "lmcache."
+EXTRA_CONFIG_FILE = "lmcache.config_file"
+
+
+def load_engine_config(extra: Mapping[str, Any] | None, where: str, env: Mapping[str, str] | None = None,
+                       ignore_prefixes: tuple[str, ...] = (), overrides: Mapping[str, Any] | None = None) -> LMCacheConfig:
+    """The config of an engine adapter: the file (``lmcache.config_file`` in the engine's extra config, else
+    LMCACHE_CONFIG_FILE) < LMCACHE_* env < ``lmcache.<key>`` entries of the engine's extra config (named
+    ``where`` in errors) < ``overrides``. Entries under ``ignore_prefixes`` belong to someone else."""
+    extra = dict(extra or {})
+    given: dict[str, Any] = {}
+    for name, value in extra.items():
+        if not name.startswith(EXTRA_PREFIX) or name == EXTRA_CONFIG_FILE or name.startswith(ignore_prefixes):
+            continue
+        key = name[len(EXTRA_PREFIX):]
+        if key not in config_keys():
+            close = difflib.get_close_matches(key, list(config_keys()), n=1)
+            hint = f"did you mean 'lmcache.{close[0]}'?" if close else "see 'lmcache config keys' for the valid ones"
+            raise ConfigError(f"{where} has '{name}', which is not an lmcache config key: {hint}")
+        given[key] = value
+    given.update(overrides or {})
+    return load_config(extra.get(EXTRA_CONFIG_FILE), os.environ if env is None else env, given)
+
+
 def parse_set_flags(items: list[str] | None) -> dict[str, str]:
     """``--set key=value`` pairs from the command line."""
     out: dict[str, str] = {}

@@ -66,6 +66,11 @@ class HardwareBackend(Protocol):
     #   wait_event(event): make the caller's current stream (the forward pass) wait for that layer
 
 
+class TierUnavailable(RuntimeError):
+    """A tier cannot work with its configuration (raised by a tier's constructor); the message names the
+    setting and the fix. The stack runs on without that tier and says why (``tier_problems``)."""
+
+
 @runtime_checkable
 class StorageTier(Protocol):
     """A tier below the CPU tier. It stores objects in the canonical chunk format

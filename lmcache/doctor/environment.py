@@ -112,7 +112,8 @@ def _disk(cfg) -> Iterator[Check]:
     if not cfg.local_disk_path:
         yield Check("disk tier", OK, "off (local_disk_path is empty)")
         return
-    from lmcache.core.tiers.disk import DiskTier, TierUnavailable
+    from lmcache.core.hookspecs import TierUnavailable
+    from lmcache.core.tiers.disk import DiskTier
 
     try:
         tier = DiskTier(cfg.local_disk_path, int(cfg.max_local_disk_size_gb * GiB))

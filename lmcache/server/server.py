@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from lmcache import __version__
-from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, byte_view
+from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, byte_view, check_header
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.geometry import CODE_DTYPES, KVGeometry, ModelIdentity
 from lmcache.core.keys import ChunkHasher, ObjectKey
@@ -89,6 +89,11 @@ class Lease:
 
 
 class CacheServer:
+    """The daemon: one pool (shared memory) and its tiers, many engine clients (see the module docstring
+    for the invariant on leases). Lock rule: ``lock`` is held while one request is handled and by HTTP
+    writers; the ZeroMQ socket is used by the serving thread only.
+    """
+
     def __init__(self, config: LMCacheConfig, host: str = "127.0.0.1", port: int = 5555, token: str = "",
                  allow_remote: bool = False, lease_timeout_s: float = 30.0, client_quota_bytes: int | None = None,
                  max_message_bytes: int | None = None) -> None:
@@ -327,14 +332,9 @@ class CacheServer:
         if not isinstance(raw, bytes) or len(raw) != HEADER_BYTES:
             raise ProtocolError("header must be the packed chunk header")
         try:
-            header = ChunkHeader.unpack(raw)
+            return check_header(raw, key)
         except ChunkCorrupt as e:
             raise ProtocolError(f"bad chunk header: {e}") from None
-        if (header.chunk_key, header.head_start, header.head_end) != (key.chunk, key.head_start, key.head_end):
-            raise ProtocolError("header does not match its key")
-        if header.payload_nbytes != header.expected_nbytes():
-            raise ProtocolError("header size fields disagree")
-        return header
 
     # -- ops ----------------------------------------------------------------------------------------
 

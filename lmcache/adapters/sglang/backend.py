@@ -13,7 +13,6 @@ finds, and the other way round (same ``model_name`` on both, same KV geometry).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, List, Optional
 
@@ -22,7 +21,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 from lmcache.adapters.logs import follow_engine_logging
 from lmcache.adapters.sglang import host_layout
-from lmcache.core.config import LMCacheConfig, config_keys, load_config
+from lmcache.core.config import LMCacheConfig, load_engine_config
 from lmcache.core.engine import CacheEngine
 from lmcache.core.geometry import KIND_MLA, KVGeometry, ModelIdentity
 from lmcache.core.keys import ChunkHasher
@@ -38,13 +37,7 @@ class AlignmentError(ValueError):
 def config_from(extra: dict | None, env: dict | None = None) -> LMCacheConfig:
     """File (``lmcache.config_file`` in the extra config, else LMCACHE_CONFIG_FILE) < LMCACHE_* env <
     ``lmcache.<key>`` entries of ``--hicache-storage-backend-extra-config``."""
-    extra = dict(extra or {})
-    overrides = {k[len("lmcache."):]: v for k, v in extra.items() if k.startswith("lmcache.") and k != "lmcache.config_file"}
-    unknown = sorted(k for k in overrides if k not in config_keys())
-    if unknown:
-        raise ValueError(f"--hicache-storage-backend-extra-config has 'lmcache.{unknown[0]}', which is not an lmcache "
-                         "config key: see 'lmcache config keys'")
-    return load_config(extra.get("lmcache.config_file"), os.environ if env is None else env, overrides)
+    return load_engine_config(extra, "--hicache-storage-backend-extra-config", env)
 
 
 class LMCacheHiCacheStorage(HiCacheStorage):

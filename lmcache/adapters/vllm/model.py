@@ -7,16 +7,13 @@ chunk keys without talking to each other. Attribute access only: this module imp
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from lmcache.core.config import LMCacheConfig, config_keys, load_config
+from lmcache.core.config import LMCacheConfig, load_engine_config
 from lmcache.core.geometry import KIND_MHA, KIND_MLA, KVGeometry, ModelIdentity
 
 # kv_connector_extra_config keys this connector reads (besides lmcache config keys, see config_from)
-EXTRA_CONFIG_FILE = "lmcache.config_file"
-EXTRA_PREFIX = "lmcache."
 #: keys of vLLM's stock LMCacheMPConnector (``lmcache.mp.host``/``port``; its timeouts are accepted and unused)
 STOCK_MP_PREFIX = "lmcache.mp."
 
@@ -64,22 +61,13 @@ def config_from(vllm_config: Any, env: dict | None = None) -> LMCacheConfig:
     """lmcache config for this engine: file (``lmcache.config_file`` in kv_connector_extra_config, else
     LMCACHE_CONFIG_FILE) < LMCACHE_* env < ``lmcache.<key>`` entries of kv_connector_extra_config."""
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-    keys = config_keys()
-    overrides = {}
-    for name, value in extra.items():
-        if not name.startswith(EXTRA_PREFIX) or name == EXTRA_CONFIG_FILE or name.startswith(STOCK_MP_PREFIX):
-            continue
-        overrides[name[len(EXTRA_PREFIX):]] = value
-    if STOCK_MP_PREFIX + "host" in extra or STOCK_MP_PREFIX + "port" in extra:
+    stock = {}
+    if (STOCK_MP_PREFIX + "host" in extra or STOCK_MP_PREFIX + "port" in extra) and "lmcache.server_url" not in extra:
         # the stock LMCacheMPConnector's keys: host "tcp://localhost" and port 5555 unless given
         host = str(extra.get(STOCK_MP_PREFIX + "host", "tcp://localhost"))
         host = host if "://" in host else "tcp://" + host
-        overrides.setdefault("server_url", f"{host}:{extra.get(STOCK_MP_PREFIX + 'port', 5555)}")
-    unknown = sorted(k for k in overrides if k not in keys)
-    if unknown:
-        raise UnsupportedModel(f"kv_connector_extra_config has 'lmcache.{unknown[0]}', which is not an lmcache config key: "
-                               "see 'lmcache config keys' for the valid ones")
-    return load_config(extra.get(EXTRA_CONFIG_FILE), os.environ if env is None else env, overrides)
+        stock["server_url"] = f"{host}:{extra.get(STOCK_MP_PREFIX + 'port', 5555)}"
+    return load_engine_config(extra, "kv_connector_extra_config", env, ignore_prefixes=(STOCK_MP_PREFIX,), overrides=stock)
 
 
 def model_view(vllm_config: Any, kv_cache_config: Any, config: LMCacheConfig) -> ModelView:

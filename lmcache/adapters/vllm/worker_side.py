@@ -62,6 +62,16 @@ class WorkerStats:
 
 
 class WorkerSide:
+    """One worker's (TP rank's) copies between vLLM's paged KV memory and the cache engine.
+
+    Invariants: a step's loads finish before its forward reads the blocks (or, layer by layer, before
+    each layer's attention), and release their chunks after the forward; a save reads only blocks vLLM
+    has finished writing (``wait_for_save`` runs after the forward) and holds nothing afterwards, so
+    ``request_finished`` never has to delay a block free; every token that was promised but not loaded
+    is reported as a load error (vLLM recomputes it). Lock rule: ``_events_lock`` guards the event
+    lists, which eviction listeners fill from other threads.
+    """
+
     def __init__(self, config: LMCacheConfig, view: ModelView, tp_rank: int) -> None:
         self.config = config
         self.view = view

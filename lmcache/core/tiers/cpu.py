@@ -33,6 +33,14 @@ class CpuEntry:
 
 
 class CpuTier:
+    """The CPU tier: committed chunks in pooled host memory, in LRU order.
+
+    Invariants: an entry is in the index only once its bytes are complete (commit publishes it); an
+    entry whose memory has a reader's reference (refcount > 1) is never evicted, and its memory is freed
+    only when the last reader lets go, even after removal or clear. Lock rule: ``_lock`` covers the index
+    and eviction, and ``on_evict`` runs under it (it must be quick and must not call back into the tier).
+    """
+
     name = "cpu"
 
     def __init__(self, pool: HostMemoryPool, on_evict: Callable[[CpuEntry], None] | None = None) -> None:

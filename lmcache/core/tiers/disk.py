@@ -38,17 +38,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, payload_checksum
+from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, check_header, payload_checksum
+from lmcache.core.hookspecs import TierUnavailable
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import MemoryObj
 from lmcache.core.tiers.stats import TierStats
 
 log = logging.getLogger("lmcache")
 SUFFIX = ".lmc"
-
-
-class TierUnavailable(RuntimeError):
-    """A tier cannot work with its configuration; the message names the setting and the fix."""
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -66,13 +63,6 @@ def read_into(fd: int, dest: memoryview) -> int:
             break
         got += n
     return got
-
-
-def check_header(raw: bytes, key: ObjectKey) -> ChunkHeader:
-    header = ChunkHeader.unpack(raw)
-    if (header.chunk_key, header.head_start, header.head_end) != (key.chunk, key.head_start, key.head_end):
-        raise ChunkCorrupt("object holds another key")
-    return header
 
 
 class DiskTier:
@@ -243,7 +233,7 @@ class DiskTier:
             return None
         try:
             header = check_header(os.pread(fd, HEADER_BYTES, 0), key)
-            if os.fstat(fd).st_size != HEADER_BYTES + header.payload_nbytes or header.payload_nbytes != header.expected_nbytes():
+            if os.fstat(fd).st_size != HEADER_BYTES + header.payload_nbytes:
                 raise ChunkCorrupt("file size does not match its header")
             obj = alloc(header.payload_nbytes)
             if obj is None:

@@ -24,11 +24,10 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, payload_checksum
+from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, check_header, payload_checksum
 from lmcache.core.hookspecs import StorageTierSpec, hookimpl
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import MemoryObj
-from lmcache.core.tiers.disk import check_header
 from lmcache.core.tiers.stats import TierStats
 
 log = logging.getLogger("lmcache")

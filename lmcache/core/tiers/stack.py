@@ -14,12 +14,12 @@ import torch
 
 from lmcache.core.chunk_format import ChunkHeader
 from lmcache.core.config import LMCacheConfig
-from lmcache.core.hookspecs import BatchLookup, StorageTier, hookimpl
+from lmcache.core.hookspecs import BatchLookup, StorageTier, TierUnavailable, hookimpl
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
 from lmcache.core.store import EXISTS, ChunkStoreSpec, Committed, EvictionListener, ReserveAnswer, StoreRequest
 from lmcache.core.tiers.cpu import CpuEntry, CpuTier
-from lmcache.core.tiers.disk import DiskTier, TierUnavailable
+from lmcache.core.tiers.disk import DiskTier
 from lmcache.core.tiers.writeback import WriteBack
 
 if TYPE_CHECKING:
