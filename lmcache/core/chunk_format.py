@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
@@ -118,7 +118,8 @@ def byte_view(t: torch.Tensor) -> memoryview:
     """Zero-copy bytes of a contiguous CPU tensor (any dtype, bf16 and fp8 included)."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("byte_view needs a contiguous CPU tensor")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    array: Any = t.reshape(-1).view(torch.uint8).numpy()  # numpy arrays are buffers
+    return memoryview(array)
 
 
 def payload_checksum(payload: torch.Tensor | memoryview | bytes) -> int:

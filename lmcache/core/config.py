@@ -95,22 +95,23 @@ class LMCacheConfig:
         return _build(self.as_dict() | changes, dict(self.sources) | {k: "override" for k in changes})
 
 
-def config_keys() -> dict[str, dataclasses.Field]:
+def config_keys() -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(LMCacheConfig) if f.name != "sources"}
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:
     """(key, type, default, doc) for every key: the documentation table."""
-    return [(k, f.type, f.default, f.metadata["doc"]) for k, f in config_keys().items()]
+    return [(k, str(f.type), f.default, f.metadata["doc"]) for k, f in config_keys().items()]
 
 
-def _type_of(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+def _type_of(f: dataclasses.Field[Any]) -> type:
+    return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
 
 
 def _coerce(key: str, raw: Any, source: str) -> Any:
     f = config_keys()[key]
     want = _type_of(f)
+    value: Any
     try:
         if want is bool:
             if isinstance(raw, str):
@@ -156,7 +157,7 @@ def _build(values: dict[str, Any], sources: dict[str, str]) -> LMCacheConfig:
 
 
 def load_config(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> LMCacheConfig:

@@ -47,18 +47,21 @@ def plan_slots(kv: KVLayout, slots: torch.Tensor) -> SlotPlan:
     host = slots.device.type == "cpu"
     host_slots, host_positions = (slots, positions) if host else (None, None)
 
-    def dev(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(kv.device, non_blocking=True)
+    def dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(kv.device, non_blocking=True)
+
+    def dev_opt(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else dev(t)
 
     if not isinstance(kv, BlockPagedKV):
-        return SlotPlan(dev(slots), dev(positions), None, None, None, host_slots, host_positions)
+        return SlotPlan(dev(slots), dev_opt(positions), None, None, None, host_slots, host_positions)
     n = kv.block_size
     if positions is None and slots.numel() % n == 0 and slots.numel():
         rows = slots.view(-1, n)
         first = rows[:, 0]
         if bool(((first % n) == 0).all()) and bool((rows - first[:, None] == torch.arange(n, device=slots.device)).all()):
             return SlotPlan(dev(slots), None, dev(first // n), None, None, host_slots, None)
-    return SlotPlan(dev(slots), dev(positions), None, dev(slots // n), dev(slots % n), host_slots, host_positions)
+    return SlotPlan(dev(slots), dev_opt(positions), None, dev(slots // n), dev(slots % n), host_slots, host_positions)
 
 
 def plan_chunks(kv: KVLayout, slot_mapping: torch.Tensor, chunks: list[int], chunk_size: int) -> list[SlotPlan]:
@@ -76,8 +79,8 @@ def plan_chunks(kv: KVLayout, slot_mapping: torch.Tensor, chunks: list[int], chu
     partial = (rows < 0).any(dim=1).tolist()
     if any(partial):  # chunks with tokens the engine holds already: rare, planned one by one
         whole = [i for i, p in enumerate(partial) if not p]
-        plans = dict(zip(whole, plan_chunks(kv, rows[whole].flatten(), list(range(len(whole))), cs)))
-        return [plans[i] if i in plans else plan_slots(kv, rows[i]) for i in range(len(chunks))]
+        by_index = dict(zip(whole, plan_chunks(kv, rows[whole].flatten(), list(range(len(whole))), cs)))
+        return [by_index[i] if i in by_index else plan_slots(kv, rows[i]) for i in range(len(chunks))]
     top = int(rows.max())
     if top >= kv.num_slots:
         raise IndexError(f"slot {top} is out of range: the KV memory has {kv.num_slots} slots")
@@ -89,15 +92,16 @@ def plan_chunks(kv: KVLayout, slot_mapping: torch.Tensor, chunks: list[int], chu
     if cs % n == 0:
         blocks = rows.view(len(chunks), cs // n, n)
         first = blocks[:, :, 0]
-        in_order = ((first % n) == 0).all(dim=1) & (blocks - first[:, :, None] == torch.arange(n, device=rows.device)).all(dim=2).all(dim=1)
-        in_order = in_order.tolist()
+        whole_blocks = ((first % n) == 0).all(dim=1) & (
+            blocks - first[:, :, None] == torch.arange(n, device=rows.device)).all(dim=2).all(dim=1)
+        in_order: list[bool] = whole_blocks.tolist()
         block_ids = (first // n).to(kv.device, non_blocking=True)
     else:
         in_order = [False] * len(chunks)
-    plans = []
+    plans: list[SlotPlan] = []
     by_token = None
-    for i, whole in enumerate(in_order):
-        if whole:
+    for i, is_whole in enumerate(in_order):
+        if is_whole:
             plans.append(SlotPlan(dev_rows[i], None, block_ids[i], None, None, None if host is None else host[i]))
             continue
         if by_token is None:
@@ -144,7 +148,7 @@ def _block_rows(t: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]] | 
     """View a logical ``[B, H, N, C]`` tensor as ``[B, H*N*C]`` rows when each block is contiguous
     in memory (whatever its inner order), plus the inner physical shape and the permutation from
     ``[nb, *physical]`` back to logical order. None when blocks are not contiguous (cross-layer layouts)."""
-    order = sorted((1, 2, 3), key=lambda d: -t.stride(d))
+    order = sorted((1, 2, 3), key=lambda d: -t.stride()[d])
     inner = t[0].permute([d - 1 for d in order]) if t.shape[0] else None
     if inner is None or not inner.is_contiguous():
         return None
@@ -175,11 +179,10 @@ class RowMap:
 
 
 def row_map(kv: BlockPagedKV) -> RowMap | None:
-    cached = kv.__dict__.get("_row_map", False)
-    if cached is not False:
-        return cached
-    kv.__dict__["_row_map"] = rm = _build_row_map(kv)
-    return rm
+    if "row_map" not in kv.plan_cache:
+        kv.plan_cache["row_map"] = _build_row_map(kv)
+    found: RowMap | None = kv.plan_cache["row_map"]
+    return found
 
 
 def _build_row_map(kv: BlockPagedKV) -> RowMap | None:
@@ -224,10 +227,10 @@ class TokenRowMap:
 
 
 def token_row_map(kv: TokenSlotKV) -> TokenRowMap | None:
-    cached = kv.__dict__.get("_row_map", False)
-    if cached is False:
-        cached = kv.__dict__["_row_map"] = _build_token_row_map(kv)
-    return cached
+    if "token_row_map" not in kv.plan_cache:
+        kv.plan_cache["token_row_map"] = _build_token_row_map(kv)
+    found: TokenRowMap | None = kv.plan_cache["token_row_map"]
+    return found
 
 
 def _build_token_row_map(kv: TokenSlotKV) -> TokenRowMap | None:

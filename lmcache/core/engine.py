@@ -16,7 +16,7 @@ import torch
 
 from lmcache.core.chunk_format import ChunkHeader, header_for
 from lmcache.core.config import LMCacheConfig
-from lmcache.core.convert import plan_chunks
+from lmcache.core.convert import SlotPlan, plan_chunks
 from lmcache.core.geometry import ModelIdentity
 from lmcache.core.keys import ChunkHasher, ObjectKey
 from lmcache.core.layouts import KVLayout, LayoutError
@@ -50,7 +50,7 @@ class EngineStats:
     stored_tokens: int = 0
     retrieved_tokens: int = 0
     dropped_chunks: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,10 @@ class LayerwiseLoad:
 
     #: tokens [0, end) hold cached KV once every layer has arrived
     end: int
-    events: list
+    events: list[Any]  # one backend event per layer (None: nothing to wait for)
     backend: Any
     stack: ChunkStore
-    entries: list[Readable]
+    entries: Sequence[Readable]
     done: bool = False
 
     def wait_layer(self, layer: int) -> None:
@@ -174,7 +174,7 @@ class CacheEngine:
         """For each chunk of the cached prefix, the highest tier holding it ("cpu", "disk", "redis", ...)."""
         return self.stack.lookup_tiers(self.object_key(k) for k in self.hasher(salt).iter_keys(tokens))
 
-    def prefetch(self, tokens: Tokens, salt: str | None = None) -> Future:
+    def prefetch(self, tokens: Tokens, salt: str | None = None) -> Future[int]:
         """Start pulling lower-tier hits of ``tokens`` up into the CPU tier; the future gives the number
         of leading tokens in the CPU tier when done."""
         if self._prefetcher is None:
@@ -258,7 +258,8 @@ class CacheEngine:
         self.stats.retrieved_tokens += len(entries) * self.chunk_size
         return (first + len(entries)) * self.chunk_size
 
-    def _acquire_jobs(self, chunk_keys: Sequence[bytes], kv: KVLayout, slot_mapping: torch.Tensor, first: int):
+    def _acquire_jobs(self, chunk_keys: Sequence[bytes], kv: KVLayout, slot_mapping: torch.Tensor,
+                      first: int) -> tuple[Sequence[Readable], list[tuple[SlotPlan, torch.Tensor]]]:
         """The cached prefix's entries (acquired: the caller releases them) and their scatter jobs."""
         self._check(kv, None, slot_mapping)
         cs = self.chunk_size

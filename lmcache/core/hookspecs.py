@@ -14,11 +14,13 @@ plugin that fails to import, raises, or reuses a taken name is reported (``lmcac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import pluggy
 
 from lmcache.core.store import ChunkStoreSpec
+
+__all__ = ["ChunkStoreSpec"]  # part of the hook contract: lmcache_chunk_stores returns these
 
 if TYPE_CHECKING:
     import torch
@@ -145,14 +147,14 @@ class EngineAdapterSpec:
     doc: str = ""
     #: launch_flags(config, model, options) -> [(label, command line), ...] that enable lmcache; options
     #: holds "config_path" (the file the config came from, or None) and "engine" (for multi-engine frontends)
-    launch_flags: Callable[["LMCacheConfig", str, dict], list[tuple[str, str]]] | None = None
+    launch_flags: Callable[["LMCacheConfig", str, dict[str, Any]], list[tuple[str, str]]] | None = None
     #: check() -> list of (status "ok"|"warn"|"fail", what was found, one-line fix)
     check: Callable[[], list[tuple[str, str, str]]] | None = None
     #: engine base classes the adapter implements (checked for drift by ``lmcache doctor``)
     interfaces: tuple[InterfaceSpec, ...] = ()
     #: supported engine versions, a PEP 440 specifier such as "==0.33.*"
     supported_versions: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -191,23 +193,28 @@ class RouterEventsSpec:
 @hookspec
 def lmcache_hardware_backends() -> list[HardwareBackend]:
     """Return the hardware backends this plugin provides."""
+    raise NotImplementedError  # a specification: plugins implement it, pluggy never calls this
 
 
 @hookspec
 def lmcache_storage_tiers() -> list[StorageTierSpec]:
     """Return the storage tiers (by URL scheme) this plugin provides."""
+    raise NotImplementedError  # a specification: plugins implement it, pluggy never calls this
 
 
 @hookspec
 def lmcache_engine_adapters() -> list[EngineAdapterSpec]:
     """Return the engine adapters this plugin provides."""
+    raise NotImplementedError  # a specification: plugins implement it, pluggy never calls this
 
 
 @hookspec
 def lmcache_router_events() -> list[RouterEventsSpec]:
     """Return the KV-aware routers this plugin can publish chunk events to."""
+    raise NotImplementedError  # a specification: plugins implement it, pluggy never calls this
 
 
 @hookspec
 def lmcache_chunk_stores() -> list[ChunkStoreSpec]:
     """Return the chunk stores (by config ``mode``) this plugin provides (``lmcache.core.store``)."""
+    raise NotImplementedError  # a specification: plugins implement it, pluggy never calls this

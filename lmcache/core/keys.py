@@ -23,7 +23,7 @@ import array
 import hashlib
 import sys
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import blake3
 import numpy as np
@@ -40,15 +40,15 @@ def token_bytes(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> memoryview
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().numpy()
     if isinstance(tokens, np.ndarray):
-        arr = np.ascontiguousarray(tokens, dtype="<u4")
-        return memoryview(arr).cast("B")
+        contiguous: Any = np.ascontiguousarray(tokens, dtype="<u4")  # a buffer (numpy arrays are)
+        return memoryview(contiguous).cast("B")
     # array.array('I') is ~3x faster than numpy at converting a Python list (vLLM hands us lists).
-    arr = array.array("I", tokens)
-    if arr.itemsize != 4:  # pragma: no cover - no such platform in practice
-        arr = array.array("L", tokens)
+    packed = array.array("I", tokens)
+    if packed.itemsize != 4:  # pragma: no cover - no such platform in practice
+        packed = array.array("L", tokens)
     if not _LITTLE:  # pragma: no cover
-        arr.byteswap()
-    return memoryview(arr).cast("B")
+        packed.byteswap()
+    return memoryview(packed).cast("B")
 
 
 @dataclass(frozen=True, slots=True)

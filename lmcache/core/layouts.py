@@ -7,7 +7,8 @@ one token's KV in the engine's memory; a negative slot means "no KV here: skip t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,12 @@ class BlockPagedKV:
 
     layers: list[torch.Tensor]
     head_start: int = 0
+    #: planners' results for this memory (row maps), made once: its shapes and strides never change
+    plan_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
     @property
     def num_heads(self) -> int:
@@ -70,6 +77,12 @@ class TokenSlotKV:
     k: list[torch.Tensor]
     v: list[torch.Tensor] | None = None
     head_start: int = 0
+    #: planners' results for this memory (row maps), made once: its shapes and strides never change
+    plan_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
 
     @property
     def num_heads(self) -> int:

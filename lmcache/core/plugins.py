@@ -64,7 +64,8 @@ def _load_plugins(pm: pluggy.PluginManager, registry: Registry) -> None:
         registry.plugins[ep.name] = origin
 
 
-def _collect(pm: pluggy.PluginManager, registry: Registry, hook: str, kind: str, target: dict, name_attr: str) -> None:
+def _collect(pm: pluggy.PluginManager, registry: Registry, hook: str, kind: str, target: dict[str, Any],
+             name_attr: str) -> None:
     for impl in getattr(pm.hook, hook).get_hookimpls():  # registration order: built-ins first
         try:
             items = impl.function() or []

@@ -15,10 +15,10 @@ from lmcache.core.engine import CacheEngine
 from lmcache.core.geometry import ModelIdentity
 
 _lock = threading.Lock()
-_engines: dict[tuple, CacheEngine] = {}
+_engines: dict[tuple[object, ...], CacheEngine] = {}
 
 
-def _key(config: LMCacheConfig, identity: ModelIdentity, head_range: tuple[int, int]) -> tuple:
+def _key(config: LMCacheConfig, identity: ModelIdentity, head_range: tuple[int, int]) -> tuple[object, ...]:
     return (config, identity, tuple(head_range))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence, Union, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -83,15 +83,16 @@ class ChunkStore(Protocol):
     def lookup_tiers(self, okeys: Iterable["ObjectKey"]) -> list[str]:
         """For each key of the cached prefix, the highest tier holding it. No side effects."""
 
-    def reserve_many(self, items: list[tuple["ObjectKey", int]]) -> list[ReserveAnswer]:
+    def reserve_many(self, items: Sequence[tuple["ObjectKey", int]]) -> list[ReserveAnswer]:
         """Per (key, payload bytes): a Reservation, EXISTS, or None (no room: then for every later item too)."""
 
     def abort(self, reservations: Iterable[object]) -> None:
         """Give back reservations that will not be committed (anything else in the iterable is ignored)."""
 
-    def commit_many(self, items: list[tuple["ObjectKey", "ChunkHeader", Reservation]]) -> Committed: ...
+    def commit_many(self, items: Sequence[tuple["ObjectKey", "ChunkHeader", Reservation]]) -> Committed:
+        """Publish filled reservations (each store accepts only the reservations it handed out)."""
 
-    def acquire_prefix(self, okeys: Iterable["ObjectKey"], promote: bool | None = None) -> list[Readable]:
+    def acquire_prefix(self, okeys: Iterable["ObjectKey"], promote: bool | None = None) -> Sequence[Readable]:
         """The cached prefix of ``okeys``, each chunk held for the caller until ``release_many``."""
 
     def release_many(self, entries: Iterable[Readable]) -> bool:

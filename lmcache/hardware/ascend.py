@@ -101,7 +101,7 @@ class AscendBackend:
         if self._stream is None:
             self._stream = self.ops.new_stream()
         self.ops.wait_current(self._stream)
-        layers = range(len(kv.layers) if hasattr(kv, "layers") else len(kv.k))
+        layers = range(kv.num_layers)
         with self.ops.use_stream(self._stream):
             for plan, chunk in jobs:
                 if plan.slots.numel():

@@ -37,7 +37,7 @@ class CpuBackend:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
     def _run(self, kv: KVLayout, jobs, fn) -> None:
-        layers = range(len(kv.layers) if hasattr(kv, "layers") else len(kv.k))
+        layers = range(kv.num_layers)
         if kv.device.type != "cpu" or self.threads == 1 or not jobs:
             for plan, chunk in jobs:
                 fn(kv, plan, chunk, layers)

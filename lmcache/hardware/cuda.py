@@ -102,7 +102,7 @@ class TritonGpuBackend:
 
     def scatter_by_layer(self, kv: KVLayout, jobs) -> list:
         """Issue every layer's scatter in order on the copy stream; one event per layer (``wait_event``)."""
-        layers = len(kv.layers) if hasattr(kv, "layers") else len(kv.k)
+        layers = kv.num_layers
         jobs = [(p, c) for p, c in jobs if p.slots.numel()]
         why = self.copier.supports(kv) if jobs else "nothing to copy"
         if why is None and kv.device.type != "cuda":
@@ -181,7 +181,7 @@ class TritonGpuBackend:
         self.fallback = why
         self.note(f"{self.name} backend: using the slower torch reference ops: {why}")
         fn = convert.gather if to_chunk else convert.scatter
-        layers = range(len(kv.layers) if hasattr(kv, "layers") else len(kv.k))
+        layers = range(kv.num_layers)
         for plan, chunk in jobs:
             fn(kv, plan, chunk, layers)
 

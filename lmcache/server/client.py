@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 from urllib.parse import urlsplit
 
 import torch
@@ -24,7 +24,16 @@ from lmcache.core.config import LMCacheConfig
 from lmcache.core.geometry import DTYPE_CODES, ModelIdentity
 from lmcache.core.hookspecs import hookimpl
 from lmcache.core.keys import ObjectKey
-from lmcache.core.store import EXISTS, ChunkStoreSpec, Committed, EvictionListener, ReserveAnswer, StoreRequest
+from lmcache.core.store import (
+    EXISTS,
+    ChunkStoreSpec,
+    Committed,
+    EvictionListener,
+    Readable,
+    Reservation,
+    ReserveAnswer,
+    StoreRequest,
+)
 from lmcache.core.tiers.stats import TierStats
 from lmcache.server.local_auth import ClientLock, read_local_secret
 from lmcache.server.protocol import PROTOCOL_VERSION, ProtocolError, decode, encode
@@ -225,7 +234,7 @@ class ServerStack:
     def tier_problems(self) -> list[str]:
         return []  # the server's tiers: its banner, /health and /stats say what it runs without
 
-    def reserve_many(self, items: list[tuple[ObjectKey, int]]) -> list[ReserveAnswer]:
+    def reserve_many(self, items: Sequence[tuple[ObjectKey, int]]) -> list[ReserveAnswer]:
         if not items:
             return []
         got = self._call("reserve", items=[[str(k), n] for k, n in items]) if self._connected() else None
@@ -256,9 +265,13 @@ class ServerStack:
         for lease in {o.lease for o in objs if isinstance(o, Slot) and o.offset >= 0 and o.lease}:
             self._call("abort", lease=lease)
 
-    def commit_many(self, items: list[tuple[ObjectKey, ChunkHeader, Slot]]) -> Committed:
+    def commit_many(self, items: Sequence[tuple[ObjectKey, ChunkHeader, Reservation]]) -> Committed:
         if not items:
             return Committed(0, 0)
+        slots = [s for _, _, s in items if isinstance(s, Slot)]
+        if len(slots) != len(items):
+            raise TypeError("commit of a reservation this server client did not hand out")
+        items = [(k, h, s) for (k, h, _), s in zip(items, slots)]
         if items[0][2].offset < 0:  # byte mode
             stored = refused = 0
             for key, header, slot in items:
@@ -298,11 +311,11 @@ class ServerStack:
         self.stats.hits += len(entries)
         return entries
 
-    def release_many(self, entries: Iterable[Entry]) -> bool:
+    def release_many(self, entries: Iterable[Readable]) -> bool:
         """Release read leases. False when a lease was no longer held (the server restarted, or it refused):
         then the bytes copied under it are not vouched for, and the caller treats the load as failed."""
         ok = True
-        for lease in {e.lease for e in entries if e.lease}:
+        for lease in {e.lease for e in entries if isinstance(e, Entry) and e.lease}:
             ok = self._call("release", lease=lease) is not None and ok
         return ok
 

@@ -7,6 +7,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import torch
+
 from lmcache.core.chunk_format import ChunkHeader, byte_view, encode
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
@@ -21,7 +23,7 @@ class CpuEntry:
     #: header bytes with the payload checksum, computed once for all lower tiers (bytes are immutable once stored)
     sealed: bytes | None = None
 
-    def payload(self):
+    def payload(self) -> torch.Tensor:
         return self.obj.tensor(self.header.dtype, self.header.payload_shape)
 
     def encoded(self) -> tuple[bytes, memoryview]:

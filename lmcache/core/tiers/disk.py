@@ -38,7 +38,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, check_header, payload_checksum
+from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, byte_view, check_header, payload_checksum
 from lmcache.core.hookspecs import TierUnavailable
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import MemoryObj
@@ -77,7 +77,7 @@ class DiskTier:
 
     name = "disk"
 
-    def __init__(self, path: str | os.PathLike, capacity_bytes: int, fsync: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, fsync: bool = False) -> None:
         self.root = Path(path) / "lmcache-v1"
         self.capacity = capacity_bytes
         self.fsync = fsync
@@ -239,7 +239,7 @@ class DiskTier:
             if obj is None:
                 self.stats.drops += 1
                 return None
-            dest = memoryview(obj.raw.numpy())
+            dest = byte_view(obj.raw)
             os.lseek(fd, HEADER_BYTES, os.SEEK_SET)
             if read_into(fd, dest) != header.payload_nbytes or payload_checksum(dest) != header.checksum:
                 raise ChunkCorrupt("payload checksum mismatch")

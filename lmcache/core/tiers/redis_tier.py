@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -24,7 +24,8 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, check_header, payload_checksum
+from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, byte_view, check_header, payload_checksum
+from lmcache.core.config import LMCacheConfig
 from lmcache.core.hookspecs import StorageTierSpec, hookimpl
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import MemoryObj
@@ -46,8 +47,8 @@ def _parse(url: str, password: str, timeout: float) -> redis.Redis | RedisCluste
     user = unquote(parts.username) if parts.username else None
     # No client-side retries: redis-py's default backoff would hold the engine for seconds; the tier's
     # own quiet period after a failure does the retrying, off the hot path.
-    common = dict(password=secret, username=user, socket_timeout=timeout, socket_connect_timeout=timeout, ssl=tls,
-                  retry=Retry(NoBackoff(), 0))
+    common: dict[str, Any] = dict(password=secret, username=user, socket_timeout=timeout,
+                                  socket_connect_timeout=timeout, ssl=tls, retry=Retry(NoBackoff(), 0))
     if scheme.endswith("+cluster"):
         hosts = parts.netloc.rsplit("@", 1)[-1]
         nodes = []
@@ -55,7 +56,7 @@ def _parse(url: str, password: str, timeout: float) -> redis.Redis | RedisCluste
             host, _, port = hp.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"remote_url '{url}': cluster seeds must be host:port[,host:port...]")
-            nodes.append(ClusterNode(host, int(port)))
+            nodes.append(ClusterNode(host, int(port)))  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         return RedisCluster(startup_nodes=nodes, require_full_coverage=True, **common)
     if parts.port is None and not parts.hostname:
         raise ValueError(f"remote_url '{url}': expected redis://host:port/db")
@@ -150,22 +151,23 @@ class RedisTier:
             return None
         obj = None
         try:
-            raw = self.client.get(self._hkey(key))
+            raw = self._bytes(self.client.get(self._hkey(key)))
             if raw is None:
                 self.stats.misses += 1
                 return None
-            header = check_header(raw[:HEADER_BYTES], key)
-            if len(raw) != HEADER_BYTES or header.payload_nbytes != header.expected_nbytes():
+            if len(raw) != HEADER_BYTES:
                 raise ChunkCorrupt("bad header object")
+            header = check_header(raw, key)
             nparts = max(1, -(-header.payload_nbytes // self.part_bytes))
-            parts = self.client.mget([self._pkey(key, i) for i in range(nparts)])
-            if any(p is None for p in parts) or sum(len(p) for p in parts) != header.payload_nbytes:
+            got = [self._bytes(p) for p in self.client.mget([self._pkey(key, i) for i in range(nparts)])]
+            parts = [p for p in got if p is not None]
+            if len(parts) != nparts or sum(len(p) for p in parts) != header.payload_nbytes:
                 raise ChunkCorrupt("missing or truncated parts")
             obj = alloc(header.payload_nbytes)
             if obj is None:
                 self.stats.drops += 1
                 return None
-            dest = memoryview(obj.raw.numpy())
+            dest = byte_view(obj.raw)
             at = 0
             for p in parts:
                 dest[at : at + len(p)] = p
@@ -211,7 +213,7 @@ class RedisTier:
 
     def remove(self, key: ObjectKey) -> bool:
         try:
-            raw = self.client.get(self._hkey(key))
+            raw = self._bytes(self.client.get(self._hkey(key)))
             nparts = 1
             if raw is not None and len(raw) >= HEADER_BYTES:
                 try:
@@ -228,6 +230,13 @@ class RedisTier:
             self._failed("delete", e)
             return False
 
+    @staticmethod
+    def _bytes(value: object) -> bytes | None:
+        """A reply as bytes (this client never decodes replies to str)."""
+        if value is None or isinstance(value, bytes):
+            return value
+        raise ChunkCorrupt(f"unexpected reply type {type(value).__name__}")
+
     def close(self) -> None:
         try:
             self.client.close()
@@ -235,10 +244,10 @@ class RedisTier:
             pass
 
 
-def _factory(url, config):
+def _factory(url: str, config: LMCacheConfig) -> RedisTier:
     return RedisTier(url, config.remote_password, config.remote_timeout_s, int(config.remote_part_mb * 2**20))
 
 
 @hookimpl
-def lmcache_storage_tiers():
+def lmcache_storage_tiers() -> list[StorageTierSpec]:
     return [StorageTierSpec(s, _factory, "Redis / Valkey (single node, or cluster with +cluster)") for s in SCHEMES]

@@ -8,7 +8,7 @@ memory). Operations are batched per request so that MP mode needs one round trip
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
 
@@ -17,7 +17,16 @@ from lmcache.core.config import LMCacheConfig
 from lmcache.core.hookspecs import BatchLookup, StorageTier, TierUnavailable, hookimpl
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
-from lmcache.core.store import EXISTS, ChunkStoreSpec, Committed, EvictionListener, ReserveAnswer, StoreRequest
+from lmcache.core.store import (
+    EXISTS,
+    ChunkStoreSpec,
+    Committed,
+    EvictionListener,
+    Readable,
+    Reservation,
+    ReserveAnswer,
+    StoreRequest,
+)
 from lmcache.core.tiers.cpu import CpuEntry, CpuTier
 from lmcache.core.tiers.disk import DiskTier
 from lmcache.core.tiers.writeback import WriteBack
@@ -87,7 +96,7 @@ class TierStack:
     def _demote(self, entry: CpuEntry) -> None:
         """A chunk leaving the CPU tier goes to disk unless it is there or on its way already."""
         to_disk = self.disk is not None
-        if to_disk and not self.disk.contains(entry.key):
+        if self.disk is not None and not self.disk.contains(entry.key):
             to_disk = self.writeback["disk"].offer(entry)
         for listener in list(self.eviction_listeners):
             listener(entry.key, "disk" if to_disk else None)
@@ -133,7 +142,7 @@ class TierStack:
                 break
         return where
 
-    def reserve_many(self, items: list[tuple[ObjectKey, int]]) -> list[ReserveAnswer]:
+    def reserve_many(self, items: Sequence[tuple[ObjectKey, int]]) -> list[ReserveAnswer]:
         """Per (key, nbytes): EXISTS, a MemoryObj to fill, or None when the pool has no room (and for
         every later item: a prefix must stay contiguous)."""
         out: list[ReserveAnswer] = []
@@ -154,10 +163,12 @@ class TierStack:
             if isinstance(obj, MemoryObj):
                 obj.unref()
 
-    def commit_many(self, items: list[tuple[ObjectKey, ChunkHeader, MemoryObj]]) -> Committed:
+    def commit_many(self, items: Sequence[tuple[ObjectKey, ChunkHeader, Reservation]]) -> Committed:
         """Publish filled chunks and queue them for the lower tiers."""
         stored = 0
         for okey, header, obj in items:
+            if not isinstance(obj, MemoryObj):
+                raise TypeError(f"commit of a {type(obj).__name__}: this stack commits only its own reservations")
             if not self.cpu.commit(okey, header, obj):
                 continue
             stored += 1
@@ -182,9 +193,11 @@ class TierStack:
             entries.append(entry)
         return entries
 
-    def release_many(self, entries: Iterable[CpuEntry]) -> bool:
+    def release_many(self, entries: Iterable[Readable]) -> bool:
         """Drop readers' references; True (in-process, a reference cannot be lost)."""
         for entry in entries:
+            if not isinstance(entry, CpuEntry):
+                raise TypeError(f"release of a {type(entry).__name__}: this stack releases only its own entries")
             self.cpu.release(entry)
         return True
 

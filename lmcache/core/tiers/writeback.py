@@ -10,9 +10,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lmcache.core.keys import ObjectKey
 from lmcache.core.tiers.stats import TierStats
+
+if TYPE_CHECKING:
+    from lmcache.core.tiers.cpu import CpuEntry
 
 log = logging.getLogger("lmcache")
 _STOP = object()
@@ -24,13 +28,13 @@ class WriteBack:
         self.max_bytes = max_bytes
         self._queued_bytes = 0
         self.stats = TierStats()
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
-        self._pending: set = set()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queued)  # CpuEntry, or the stop marker
+        self._pending: set[ObjectKey] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"lmcache-writeback-{tier.name}", daemon=True)
         self._thread.start()
 
-    def offer(self, entry) -> bool:
+    def offer(self, entry: CpuEntry) -> bool:
         """Queue a CPU entry for writing; False (and counted) when the queue is full."""
         with self._lock:
             if entry.key in self._pending:
@@ -49,7 +53,7 @@ class WriteBack:
             self._queued_bytes += entry.obj.size
         return True
 
-    def pending(self, key) -> bool:
+    def pending(self, key: ObjectKey) -> bool:
         return key in self._pending
 
     def depth(self) -> int:
