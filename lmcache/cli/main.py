@@ -100,12 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_parser(sub)
     launch_flags.add_parser(sub)
     server.add_parser(sub)
+    _mark_own_parsers(parser)
     return parser
+
+
+def _mark_own_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command remembers its parser, so errors are said under its own usage line."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.set_defaults(own_parser=child)
+                _mark_own_parsers(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said under the subcommand's own usage line, not the top level's
+        own = getattr(args, "own_parser", None) or parser
+        own.error(f"unrecognized arguments: {' '.join(unknown)} (see '{own.prog} --help')")
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

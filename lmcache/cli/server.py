@@ -38,7 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     s.add_argument("--port", type=_port(False), default=5555, help="ZeroMQ control port (default 5555)")
     s.add_argument("--http-port", type=_port(True), default=8080, help="HTTP metrics + management port (default 8080; 0: off)")
-    s.add_argument("--cpu-size-gb", type=float, help="CPU pool size in GiB (default: max_cpu_size_gb)")
+    s.add_argument("--http-host", help="address the HTTP port listens on (default: --host)")
+    s.add_argument("--hash-algorithm", help=argparse.SUPPRESS)  # LMCache's flag: accepted, keys are fixed here
+    for flag, fix in PEER_FLAGS_WITHOUT_MEANING.items():
+        s.add_argument(flag, help=argparse.SUPPRESS, dest=f"peer_{flag.strip('-').replace('-', '_')}", metavar=fix)
+    s.add_argument("--cpu-size-gb", "--l1-size-gb", type=float,
+                   help="CPU pool size in GiB (default: max_cpu_size_gb; --l1-size-gb is LMCache's name)")
     s.add_argument("--chunk-size", type=int, help="tokens per chunk (default: chunk_size); engines must match")
     s.add_argument("--eviction-policy", choices=("LRU",), help="eviction policy (default LRU)")
     s.add_argument("--disk-path", help="enable the disk tier in this directory")
@@ -65,6 +70,24 @@ def _sensible_pool_gb(default_gb: float) -> float:
     return round(max(0.1, min(default_gb, 0.5 * ram / 2**30, 0.8 * shm_free / 2**30)), 2)
 
 
+#: LMCache's server flags with no meaning here, and what to do instead
+PEER_FLAGS_WITHOUT_MEANING = {
+    "--l2-adapter": "use --disk-path DIR (local disk) or --remote-url URL (Redis/Valkey) for lower tiers",
+    "--eviction-trigger-watermark": "lmcache evicts on demand, least recently used first; drop the flag",
+    "--eviction-ratio": "lmcache evicts on demand, least recently used first; drop the flag",
+    "--prometheus-port": "metrics are served on --http-port at /metrics; drop the flag",
+}
+
+
+def _peer_flags(args: argparse.Namespace) -> None:
+    for flag, fix in PEER_FLAGS_WITHOUT_MEANING.items():
+        if getattr(args, f"peer_{flag.strip('-').replace('-', '_')}") is not None:
+            raise ValueError(f"{flag} is LMCache's flag and has no meaning here: {fix}")
+    if args.hash_algorithm is not None and args.hash_algorithm.lower() != "blake3":
+        raise ValueError(f"--hash-algorithm {args.hash_algorithm}: lmcache's chunk keys are fixed (SGLang's sha256 page "
+                         "chain scoped with blake3, the same in every engine); drop the flag")
+
+
 def _token(args: argparse.Namespace, config_token: str) -> str:
     """--token-file, else server_token (LMCACHE_SERVER_TOKEN, the config file), else --token (warned: other
     local users can read a command line)."""
@@ -88,6 +111,13 @@ def _token(args: argparse.Namespace, config_token: str) -> str:
 def cmd_server(args: argparse.Namespace) -> int:
     from lmcache.cli.main import config_from_args
     from lmcache.server.http import start_http
+
+    _peer_flags(args)
+    from lmcache.server.server import is_loopback
+
+    if args.http_host and not is_loopback(args.http_host) and not args.allow_remote:
+        raise ValueError(f"--http-host {args.http_host} is not loopback: also pass --allow-remote and a token "
+                         "(--token-file), or keep the HTTP port on loopback")
     from lmcache.server.server import CacheServer
 
     cfg = config_from_args(args, max_cpu_size_gb=args.cpu_size_gb, chunk_size=args.chunk_size,
@@ -110,13 +140,13 @@ def cmd_server(args: argparse.Namespace) -> int:
     httpd = None
     if args.http_port:
         try:
-            httpd = start_http(server, args.host, args.http_port)
+            httpd = start_http(server, args.http_host or args.host, args.http_port)
         except OSError as e:
             server.close()
             raise ValueError(f"cannot listen on HTTP {args.host}:{args.http_port}: {e}; pick another --http-port") from None
     tiers = ["cpu"] + [t.name for t in server.stack.lower]
     print(f"lmcache server {server.instance} listening on tcp://{args.host}:{args.port}"
-          + (f", http://{args.host}:{args.http_port}" if httpd else ""), flush=True)
+          + (f", http://{args.http_host or args.host}:{args.http_port}" if httpd else ""), flush=True)
     print(f"  pool {cfg.max_cpu_size_gb:g} GiB in {server.shm.path}; chunk_size {cfg.chunk_size}; tiers {' -> '.join(tiers)}"
           + (f"; problems: {'; '.join(server.stack.tier_problems)}" if server.stack.tier_problems else ""), flush=True)
 

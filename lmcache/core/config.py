@@ -147,9 +147,32 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
 
 
 def _unknown(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(config_keys()), n=1)
-    hint = f"did you mean '{close[0]}'?" if close else "run 'lmcache config keys' for the list"
+    from lmcache.core.peer_keys import MAPPED, PEER_KEYS
+
+    ours = list(config_keys())
+    close = difflib.get_close_matches(key, ours + sorted(PEER_KEYS - set(ours)), n=1, cutoff=0.75)
+    if close and close[0] in MAPPED and close[0] not in ours:
+        hint = f"did you mean '{close[0]}' (LMCache's name for '{MAPPED[close[0]].ours}')?"
+    elif close:
+        hint = f"did you mean '{close[0]}'?"
+    else:
+        hint = "run 'lmcache config keys' for the list"
     return ConfigError(f"unknown config key '{key}' (from {source}): {hint}")
+
+
+def _accept(key: str, raw: Any, source: str, values: dict[str, Any], sources: dict[str, str]) -> None:
+    """One key from one source: ours (validated), a peer key (mapped or ignored, warned once), or an error."""
+    from lmcache.core.peer_keys import PEER_KEYS, translate
+
+    if key in PEER_KEYS:
+        got = translate(key, raw, source, set(values))
+        if got is None:
+            return
+        key, raw = got
+    if key not in values:
+        raise _unknown(key, source)
+    values[key] = _coerce(key, raw, source)
+    sources[key] = source
 
 
 def _build(values: dict[str, Any], sources: dict[str, str]) -> LMCacheConfig:
@@ -180,27 +203,15 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{p}' must be a mapping of key: value, got {type(data).__name__}")
         for key, raw in data.items():
-            src = f"file {p}"
-            if key not in values:
-                raise _unknown(str(key), src)
-            values[key] = _coerce(key, raw, src)
-            sources[key] = src
+            _accept(str(key), raw, f"file {p}", values, sources)
 
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
             continue
-        key = name[len(ENV_PREFIX):].lower()
-        src = f"env {name}"
-        if key not in values:
-            raise _unknown(key, src)
-        values[key] = _coerce(key, raw, src)
-        sources[key] = src
+        _accept(name[len(ENV_PREFIX):].lower(), raw, f"env {name}", values, sources)
 
     for key, raw in (overrides or {}).items():
-        if key not in values:
-            raise _unknown(key, "command line")
-        values[key] = _coerce(key, raw, "command line")
-        sources[key] = "command line"
+        _accept(key, raw, "command line", values, sources)
 
     return _build(values, sources)
 
@@ -220,7 +231,9 @@ def load_engine_config(extra: Mapping[str, Any] | None, where: str, env: Mapping
         if not name.startswith(EXTRA_PREFIX) or name == EXTRA_CONFIG_FILE or name.startswith(ignore_prefixes):
             continue
         key = name[len(EXTRA_PREFIX):]
-        if key not in config_keys():
+        from lmcache.core.peer_keys import PEER_KEYS
+
+        if key not in config_keys() and key not in PEER_KEYS:
             close = difflib.get_close_matches(key, list(config_keys()), n=1)
             hint = f"did you mean 'lmcache.{close[0]}'?" if close else "see 'lmcache config keys' for the valid ones"
             raise ConfigError(f"{where} has '{name}', which is not an lmcache config key: {hint}")

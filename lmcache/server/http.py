@@ -266,6 +266,6 @@ def start_http(server, host: str, port: int) -> ThreadingHTTPServer:
                 out[name] = {"cached_tokens": len(tiers) * h.chunk_size, "per_tier": per_tier}
             self._send(200, {"tokens": len(tokens), "models": out})
 
-    httpd = _BoundedHTTPServer((server.host, port), Handler)
+    httpd = _BoundedHTTPServer((host, port), Handler)
     threading.Thread(target=httpd.serve_forever, name="lmcache-http", daemon=True).start()
     return httpd
