@@ -149,3 +149,36 @@ def test_server_takes_lmcache_peer_flags_and_refuses_the_rest_with_the_fix():
     assert r.returncode == 2 and "/metrics" in r.stderr
     r = run("--bogus", "1")
     assert r.returncode == 2 and "usage: lmcache server" in r.stderr and "unrecognized arguments: --bogus 1" in r.stderr
+
+
+def test_first_hour_mistakes_are_one_line_errors_not_tracebacks():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+    piped = subprocess.run(f"{sys.executable} -m lmcache.cli.main doctor --skip-engines | head -1", shell=True,
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr and piped.stdout.strip()
+    huge = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "bench", "transfer", "--tokens", "256",
+                           "--model-shape", "llama-3-8b", "--set", "max_cpu_size_gb=100000"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert huge.returncode == 2 and "Traceback" not in huge.stderr
+    assert huge.stderr.strip().splitlines()[-1].startswith("lmcache: error: cannot allocate") and "max_cpu_size_gb" in huge.stderr
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    big = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "server", "--http-port", "0", "--cpu-size-gb",
+                          f"{ram_gb * 0.9:.0f}"], capture_output=True, text=True, timeout=60, env=env)
+    assert big.returncode == 2 and "more than 80% of this machine's" in big.stderr
+
+
+def test_the_server_says_when_its_remote_tier_does_not_answer():
+    from serverutil import ServerProcess
+
+    s = ServerProcess("--remote-url", "redis://127.0.0.1:1").start()
+    try:
+        health = s.http("GET", "/health", auth=False)
+        assert any("redis://127.0.0.1:1 does not answer" in p for p in health["tier_problems"])
+        assert s.http("GET", "/stats")["tier_problems"] == health["tier_problems"]
+    finally:
+        s.stop()
+    assert "problems: remote tier redis://127.0.0.1:1 does not answer" in s.output

@@ -128,9 +128,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"lmcache: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (lmcache doctor | head): not an error
+        _silence_stdout()
+        return 0
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, MemoryError) or "alloc" in str(e).lower():
+            print(f"lmcache: error: cannot allocate the memory asked for ({str(e).splitlines()[0][:160]}): lower "
+                  "max_cpu_size_gb (--set max_cpu_size_gb=N) or the command's sizes", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("lmcache: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe, send what is still buffered nowhere, so the exit flush does not fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

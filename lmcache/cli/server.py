@@ -126,6 +126,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(message)s")
     if cfg.source_of("max_cpu_size_gb") == "default":
         cfg = cfg.replace(max_cpu_size_gb=_sensible_pool_gb(cfg.max_cpu_size_gb))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if cfg.max_cpu_size_gb * 2**30 > 0.8 * ram:  # the same bar as lmcache doctor's "cpu tier size"
+        raise ValueError(f"--cpu-size-gb {cfg.max_cpu_size_gb:g} is more than 80% of this machine's {ram / 2**30:.1f} GiB "
+                         f"of RAM (engines need the rest): use at most {0.8 * ram / 2**30:.0f}")
     token = _token(args, cfg.server_token)
     quota = None if args.client_quota_gb is None else int(args.client_quota_gb * 2**30)
     max_message = None if args.max_message_mb is None else int(args.max_message_mb * 2**20)
@@ -144,6 +148,13 @@ def cmd_server(args: argparse.Namespace) -> int:
         except OSError as e:
             server.close()
             raise ValueError(f"cannot listen on HTTP {args.host}:{args.http_port}: {e}; pick another --http-port") from None
+    from lmcache.core.hookspecs import Pingable
+
+    remote = server.stack.remote
+    if isinstance(remote, Pingable) and not remote.ping():
+        # started all the same (it reconnects by itself), but said everywhere a person looks
+        server.stack.tier_problems.append(f"remote tier {remote.safe_url()} does not answer within "
+                                          f"{cfg.remote_timeout_s}s: stores to it drop and lookups miss until it does")
     tiers = ["cpu"] + [t.name for t in server.stack.lower]
     print(f"lmcache server {server.instance} listening on tcp://{args.host}:{args.port}"
           + (f", http://{args.http_host or args.host}:{args.http_port}" if httpd else ""), flush=True)

@@ -75,6 +75,11 @@ def config_and_tiers(config_path: str | None, overrides: dict) -> Iterator[Check
         return
     src = config_path or os.environ.get("LMCACHE_CONFIG_FILE") or "defaults + environment"
     yield Check("config", OK, f"valid ({src})")
+    if cfg.chunk_size % 16:
+        yield Check("chunk_size", WARN, f"{cfg.chunk_size} is not a multiple of 16, vLLM's default block size: vLLM refuses "
+                    "the connector unless its --block-size divides it", f"use {max(16, cfg.chunk_size // 16 * 16)} (or 256)")
+    else:
+        yield Check("chunk_size", OK, f"{cfg.chunk_size} (a multiple of vLLM's default block size 16)")
     yield from _memory(cfg)
     yield from _disk(cfg)
     yield from _remote(cfg)
