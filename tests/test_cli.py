@@ -182,3 +182,33 @@ def test_the_server_says_when_its_remote_tier_does_not_answer():
     finally:
         s.stop()
     assert "problems: remote tier redis://127.0.0.1:1 does not answer" in s.output
+
+
+def test_small_things_a_new_user_notices(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+
+    def lm(*args, extra_env=None):
+        return subprocess.run([sys.executable, "-m", "lmcache.cli.main", *args], capture_output=True, text=True,
+                              timeout=120, env={**env, **(extra_env or {})})
+
+    alone = lm("config")
+    assert "usage: lmcache config" in alone.stdout and "show" in alone.stdout
+    start = lm("config", "show", "--yaml")
+    (tmp_path / "start.yaml").write_text(start.stdout)
+    assert "# Tokens per chunk" in start.stdout and lm("config", "show", "--config", str(tmp_path / "start.yaml")).returncode == 0
+    shown = json.loads(lm("config", "show", "--json", extra_env={"LMCACHE_LOG_LEVEL": "debug"}).stdout)
+    assert shown["log_level"]["value"] == "DEBUG"
+    for command in (("bench", "lookup", "--help"), ("bench", "kernels", "--help")):
+        assert "timed repetitions" in lm(*command).stdout
+    assert "default 5" in lm("server", "--help").stdout and "default 30" in lm("server", "--help").stdout
+    missing = tmp_path / "not" / "yet"
+    doctor = json.loads(lm("doctor", "--skip-engines", "--json", "--set", f"local_disk_path={missing}").stdout)
+    row = next(c for c in doctor["checks"] if c["name"] == "disk tier")
+    assert row["status"] == "ok" and "not created yet" in row["found"] and not missing.exists()  # doctor only looks
+    unavailable = [c for c in doctor["checks"] if c["name"].startswith("backend ") and c["found"].startswith("unavailable")]
+    assert unavailable and all(c["status"] == "info" for c in unavailable)  # no GPU here: neutral, not "ok"

@@ -50,8 +50,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bench_serve.add_parser(bsub)
 
     lk = bsub.add_parser("lookup", help="hash + prefix lookup latency of a long prompt, all chunks cached")
-    lk.add_argument("--tokens", type=int, default=131072)
-    lk.add_argument("--repeats", type=int, default=50)
+    lk.add_argument("--tokens", type=int, default=131072, help="prompt length in tokens (default 131072)")
+    lk.add_argument("--repeats", type=int, default=50, help="timed repetitions; median and best are reported (default 50)")
     lk.add_argument("--json", action="store_true", help="machine-readable output")
     add_config_flags(lk)
     lk.set_defaults(func=cmd_lookup)

@@ -22,12 +22,13 @@ def add_parsers(bsub: argparse._SubParsersAction) -> None:
     from lmcache.cli.main import add_config_flags
 
     k = bsub.add_parser("kernels", help="paged gather/scatter alone vs a contiguous copy on the same device")
-    k.add_argument("--model-shape", default="llama-3-8b", choices=sorted(MODEL_SHAPES))
+    k.add_argument("--model-shape", default="llama-3-8b", choices=sorted(MODEL_SHAPES), help="KV geometry (default llama-3-8b)")
     k.add_argument("--tokens", type=int, default=None, help="tokens moved (default: 32768 on a GPU, 4096 on CPU)")
-    k.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    k.add_argument("--layout", default="vllm-lbnhc", choices=LAYOUTS)
-    k.add_argument("--block-size", type=int, default=16)
-    k.add_argument("--repeats", type=int, default=5)
+    k.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the paged KV memory lives (default: cuda where torch sees a GPU, else cpu)")
+    k.add_argument("--layout", default="vllm-lbnhc", choices=LAYOUTS, help="engine KV layout (default vllm-lbnhc)")
+    k.add_argument("--block-size", type=int, default=16, help="engine block/page size in tokens (default 16)")
+    k.add_argument("--repeats", type=int, default=5, help="timed repetitions; the best is reported (default 5)")
     k.add_argument("--json", action="store_true", help="machine-readable output")
     add_config_flags(k)
     k.set_defaults(func=cmd_kernels)
@@ -37,9 +38,10 @@ def add_parsers(bsub: argparse._SubParsersAction) -> None:
                                                                           if g.kind != KIND_MLA))
     t.add_argument("--tokens", default=None, help="comma-separated prompt lengths (default: 4096,16384,32768 on a "
                                                   "GPU, 256,1024 on CPU)")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--block-size", type=int, default=16)
-    t.add_argument("--repeats", type=int, default=2)
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs (default: cuda where torch sees a GPU, else cpu)")
+    t.add_argument("--block-size", type=int, default=16, help="engine block size in tokens (default 16)")
+    t.add_argument("--repeats", type=int, default=2, help="timed repetitions; the best is reported (default 2)")
     t.add_argument("--json", action="store_true", help="machine-readable output")
     add_config_flags(t)
     t.set_defaults(func=cmd_ttft)

@@ -28,7 +28,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     data = {"ok": failed == 0, "failures": failed, "warnings": warned, "checks": [r.as_dict() for r in rows]}
 
     def render(d: dict) -> None:
-        marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+        marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]", "info": "[dim]info[/]"}
         table("lmcache doctor", ["check", "status", "found", "fix"],
               [[c["name"], marks[c["status"]], c["found"], c["fix"]] for c in d["checks"]])
         print(f"{d['failures']} failing, {d['warnings']} warnings")

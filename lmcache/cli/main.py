@@ -48,6 +48,11 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.yaml:  # a file to start from: every key, its effective value, its doc line
+        for key, _, _, doc in describe_keys():
+            print(f"# {doc}")
+            print(yaml_line(key, cfg.as_dict()[key]))
+        return 0
     data = {k: {"value": v, "source": cfg.source_of(k)} for k, v in cfg.as_dict().items()}
     emit(args, data, lambda d: table("effective lmcache config", ["key", "value", "from"],
                                      [[k, repr(x["value"]), x["source"]] for k, x in d.items()]))
@@ -64,6 +69,12 @@ def markdown_keys() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     rows += [f"| `{k}` | {default(d)} | {doc.replace('|', '/')} |" for k, _, d, doc in describe_keys()]
     return "\n".join(rows)
+
+
+def yaml_line(key: str, value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump({key: value}, default_flow_style=False).strip()
 
 
 def cmd_config_keys(args: argparse.Namespace) -> int:
@@ -88,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = cfg_sub.add_parser("show", help="effective config, with where each value came from")
     add_config_flags(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument("--yaml", action="store_true", help="print a config file to start from (every key, with its doc)")
     show.set_defaults(func=cmd_config_show)
     keys = cfg_sub.add_parser("keys", help="every config key with its default and doc line")
     keys.add_argument("--json", action="store_true", help="machine-readable output")
     keys.add_argument("--markdown", action="store_true", help="the README's table")
     keys.set_defaults(func=cmd_config_keys)
+    cfg.set_defaults(func=lambda args: (cfg.print_help(), 2)[1])  # "lmcache config" alone: its own help
 
     bench.add_parsers(sub)
     from lmcache.cli import doctor, launch_flags, server

@@ -43,8 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for flag, fix in PEER_FLAGS_WITHOUT_MEANING.items():
         s.add_argument(flag, help=argparse.SUPPRESS, dest=f"peer_{flag.strip('-').replace('-', '_')}", metavar=fix)
     s.add_argument("--cpu-size-gb", "--l1-size-gb", type=float,
-                   help="CPU pool size in GiB (default: max_cpu_size_gb; --l1-size-gb is LMCache's name)")
-    s.add_argument("--chunk-size", type=int, help="tokens per chunk (default: chunk_size); engines must match")
+                   help="CPU pool size in GiB (default 5, or max_cpu_size_gb from the config; at most half the RAM and 80%% "
+                        "of /dev/shm when not given; --l1-size-gb is LMCache's name)")
+    s.add_argument("--chunk-size", type=int, help="tokens per chunk (default 256, or chunk_size from the config); engines "
+                   "must match")
     s.add_argument("--eviction-policy", choices=("LRU",), help="eviction policy (default LRU)")
     s.add_argument("--disk-path", help="enable the disk tier in this directory")
     s.add_argument("--remote-url", help="enable a remote tier, e.g. redis://127.0.0.1:6379/0")

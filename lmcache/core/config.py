@@ -81,7 +81,7 @@ class LMCacheConfig:
     layerwise_load: bool = _key(False, "Load a hit's KV layer by layer on the backend's copy stream, each layer waited for just before its attention runs (vLLM's wait_for_layer_load); off: every layer is loaded before the forward starts.")
     router_events: str = _key("", "Publish which prefixes the lmcache tiers hold to a KV-aware router: empty (off) or a router's name (dynamo).", lambda v: None if v == "" or v.replace("_", "").replace("-", "").isalnum() else "empty or a router name such as dynamo")
     router_events_endpoint: str = _key("tcp://*:5558", "ZeroMQ address the router-event publisher binds; the router's indexer subscribes to it.", lambda v: None if v.startswith(("tcp://", "ipc://")) else "a ZeroMQ address such as tcp://*:5558")
-    log_level: str = _key("INFO", "Logging level of lmcache's own logger.", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_level: str = _key("INFO", "Logging level of lmcache's own logger (any case).", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
 
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -139,6 +139,8 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
         raise ConfigError(
             f"config key '{key}' = {raw!r} (from {source}): expected {want.__name__}; fix: {f.metadata['doc']}"
         ) from None
+    if key == "log_level" and isinstance(value, str):
+        value = value.upper()  # logging's names are upper case; "debug" means the same
     check = f.metadata["check"]
     problem = check(value) if check else None
     if problem:

@@ -13,7 +13,7 @@ import torch
 from lmcache import __version__
 from lmcache.core.config import ConfigError, load_config
 from lmcache.core.plugins import get_registry
-from lmcache.doctor.report import FAIL, OK, WARN, Check
+from lmcache.doctor.report import FAIL, INFO, OK, WARN, Check
 
 GiB = 2**30
 
@@ -47,7 +47,7 @@ def accelerator() -> Iterator[Check]:
         ok, why = backend.available()
         # unavailable is only a problem where this machine has the device the backend is for
         relevant = device in backend.device_types and getattr(backend, "_platform_ok", lambda: (True, ""))()[0]
-        yield Check(f"backend {name}", OK if ok else FAIL if name == "cpu" else WARN if relevant else OK,
+        yield Check(f"backend {name}", OK if ok else FAIL if name == "cpu" else WARN if relevant else INFO,
                     f"{'available' if ok else 'unavailable'}: {why}",
                     "" if ok or not relevant else f"device_backend: {name} cannot be used here")
         if ok and hasattr(backend, "self_test"):  # compile and run its kernels here, bit-exact, before an engine does
@@ -120,6 +120,22 @@ def _disk(cfg) -> Iterator[Check]:
     from lmcache.core.hookspecs import TierUnavailable
     from lmcache.core.tiers.disk import DiskTier
 
+    if not os.path.isdir(os.path.join(cfg.local_disk_path, "lmcache-v1")):
+        # not created yet: say whether it could be, without creating anything (doctor only looks)
+        parent = cfg.local_disk_path
+        while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+            parent = os.path.dirname(parent)
+        if os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
+            free = shutil.disk_usage(parent).free
+            if parent == cfg.local_disk_path:
+                yield Check("disk tier", OK, f"{cfg.local_disk_path}: writable, 0 chunks stored, {free / GiB:.1f} GiB free")
+            else:
+                yield Check("disk tier", OK, f"{cfg.local_disk_path}: not created yet; an engine can create it under "
+                            f"{parent} ({free / GiB:.1f} GiB free)")
+        else:
+            yield Check("disk tier", FAIL, f"{cfg.local_disk_path}: cannot be created ({parent} is not a writable "
+                        "directory)", "point local_disk_path at a writable directory")
+        return
     try:
         tier = DiskTier(cfg.local_disk_path, int(cfg.max_local_disk_size_gb * GiB))
     except TierUnavailable as e:

@@ -17,7 +17,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from lmcache.core.hookspecs import InterfaceSpec
 from lmcache.core.plugins import get_registry
-from lmcache.doctor.report import FAIL, OK, WARN, Check
+from lmcache.doctor.report import FAIL, INFO, OK, WARN, Check
 
 # Engines lmcache knows of: distribution name -> (import name, supported versions)
 KNOWN_ENGINES = {"vllm": ("vllm", ">=0.32,<0.34"), "sglang": ("sglang", "==0.5.23"), "ai-dynamo": ("dynamo", "==1.6.*")}
@@ -81,7 +81,7 @@ def engines() -> Iterator[Check]:
     for dist, (module, supported) in KNOWN_ENGINES.items():
         found, version = _installed(dist)
         if version is None:
-            yield Check(f"engine {dist}", OK, "not installed")
+            yield Check(f"engine {dist}", INFO, "not installed")
         elif module not in served:
             yield Check(f"engine {dist}", WARN, f"{found} {version} installed; this lmcache release has no {dist} adapter yet",
                         "use an lmcache release with that adapter, or the engine without lmcache")
@@ -104,7 +104,7 @@ def _inside(version: str, supported: str) -> bool:
 def _adapter(name, spec) -> Iterator[Check]:
     label = f"adapter {name}"
     if importlib.util.find_spec(spec.engine_package) is None:
-        yield Check(label, OK, f"{spec.engine_package} not installed: the adapter stays dormant")
+        yield Check(label, INFO, f"{spec.engine_package} not installed: the adapter stays dormant")
         return
     version = _version(spec.engine_package) or _version(spec.engine_package.replace("_", "-"))
     if spec.supported_versions and version is not None:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 OK, WARN, FAIL = "ok", "warn", "fail"
+INFO = "info"  # neither good nor bad: something absent that this machine does not need
 
 
 @dataclass
