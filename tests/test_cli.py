@@ -212,3 +212,16 @@ def test_small_things_a_new_user_notices(tmp_path):
     assert row["status"] == "ok" and "not created yet" in row["found"] and not missing.exists()  # doctor only looks
     unavailable = [c for c in doctor["checks"] if c["name"].startswith("backend ") and c["found"].startswith("unavailable")]
     assert unavailable and all(c["status"] == "info" for c in unavailable)  # no GPU here: neutral, not "ok"
+
+
+def test_bench_says_when_a_figure_is_below_timer_resolution():
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "bench", "transfer", "--model-shape", "tiny",
+                        "--tokens", "512", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["too_short_to_time"] is True
+    r = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "bench", "transfer", "--model-shape", "tiny",
+                        "--tokens", "512"], capture_output=True, text=True, timeout=120)
+    assert "below what this timer measures reliably" in r.stdout and " GiB" not in r.stdout + r.stderr
