@@ -159,7 +159,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
     stack = engine.stack
     assert isinstance(stack, TierStack)  # in-process: this engine was made with mode inproc above
-    say(f"hardware backend: {engine.backend.name}; CPU pool {pool_gb:.2f} GiB (pinned: {stack.cpu.pool.pinned})")
+    say(f"hardware backend: {engine.backend.name}; CPU pool {pool_gb * 2**30 / 1e9:.2f} GB (pinned: {stack.cpu.pool.pinned})")
 
     # Same-run physical limits: a flat copy of the same number of bytes, between the same kinds of memory.
     pool_bytes = stack.cpu.pool.buffer[:nbytes]
