@@ -227,6 +227,10 @@ def test_http_management_api(server):
     with pytest.raises(urllib.error.HTTPError) as bad:
         server.http("POST", "/lookup", {"tokens": "abc"})
     assert bad.value.code == 400
+    with pytest.raises(urllib.error.HTTPError) as unknown:
+        server.http("POST", "/lookup", {"tokens": toks, "model": "no-such-model"})
+    assert unknown.value.code == 404 and "tier-test" in unknown.value.read().decode()  # says which models it knows
+    assert all(c["last_seen"].endswith("Z") for c in clients)  # times a person can read
     assert server.http("POST", "/clear", {})["cleared"] == 3  # loopback, no token configured
     assert e.lookup(toks) == 0
 
