@@ -46,8 +46,12 @@ class LookupServer:
         self._sock = self._ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
         path = address[len("ipc://"):]
-        if os.path.exists(path):  # a dead engine's leftover (engine ids are unique per engine)
-            os.unlink(path)
+        if os.path.exists(path):
+            if LookupClient(address, 0.3).answers():
+                self._sock.close(0)
+                raise RuntimeError(f"another engine serves lookups at {address}: two vLLM engines share the engine_id "
+                                   "(kv_transfer_config.engine_id) on this host; give each its own, or leave it unset")
+            os.unlink(path)  # a dead engine's leftover
         old = os.umask(0o177)
         try:
             self._sock.bind(address)
@@ -118,6 +122,16 @@ class LookupClient:
                 return 0
             reply = msgspec.msgpack.decode(sock.recv())
         return int(reply.get("hits", 0))
+
+    def answers(self) -> bool:
+        """Whether a live worker serves this address (an empty lookup, answered within the timeout)."""
+        with self._lock:
+            sock = self._socket()
+            sock.send(msgspec.msgpack.encode({"keys": [], "shards": []}))
+            alive = bool(sock.poll(self.timeout_ms))
+            sock.close(0)
+            self._sock = None
+            return alive
 
     def _warn(self, why: str) -> None:
         if not self._warned:
