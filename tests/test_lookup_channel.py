@@ -12,7 +12,7 @@ from lmcache.adapters.lookup_channel import LookupClient, LookupServer, channel_
 WORKER = textwrap.dedent('''
     import sys, time
     sys.path.insert(0, sys.argv[2])
-    from tierutil import engine, prompt
+    from tierutil import engine, prompt, store
     from lmcache.adapters.lookup_channel import LookupServer
     e = engine()
     store(e, prompt(64, 3), seed=3)
