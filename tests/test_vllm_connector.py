@@ -387,3 +387,24 @@ def test_lmcache_figures_reach_vllms_scheduler_stats_and_prometheus(model_dir):
     prom.observe(data, engine_idx=0)
     assert registry.get_sample_value("vllm:lmcache_loaded_tokens_total", {"model_name": "m", "engine": "0"}) == 128
     b.run()
+
+
+def test_a_connector_reset_never_loads_what_was_cached_before(model_dir):
+    """vLLM's reset_prefix_cache(reset_connector=True) - what its engine core runs when generation pauses for a
+    weight update - makes this engine's earlier chunks unloadable; what it stores afterwards hits again, and an
+    engine that was not reset still uses the old ones."""
+    a = CpuVllm(vllm_config(model_dir, extra()))
+    a.add("A", prompt(200))
+    a.run()
+    assert a.scheduler.reset_prefix_cache(reset_connector=True)  # vLLM's own call path into reset_cache()
+    a.add("B", prompt(200))
+    assert a.step().output.scheduled_new_reqs[0].num_computed_tokens == 0  # nothing from before the reset
+    a.run()
+    assert a.scheduler.reset_prefix_cache(reset_connector=False)  # vLLM's cache only: ours is reached again
+    a.add("C", prompt(200))
+    assert a.step().output.scheduled_new_reqs[0].num_computed_tokens == 192  # stored after the reset, exact
+    a.run()
+    b = CpuVllm(vllm_config(model_dir, extra()))  # another engine, same pool, never reset
+    b.add("D", prompt(200))
+    assert b.step().output.scheduled_new_reqs[0].num_computed_tokens == 192
+    b.run()

@@ -154,6 +154,12 @@ class LMCacheConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         return LMCacheConnectorMetadata(self._scheduler.build_plans(scheduler_output))
 
+    def reset_cache(self) -> bool:
+        """vLLM resets its prefix cache with the connector's (notably around weight updates): see SchedulerSide.reset."""
+        if self._scheduler is not None:
+            self._scheduler.reset()
+        return True
+
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._scheduler.request_finished(request)
         return False, None

@@ -63,6 +63,8 @@ class SchedulerSide:
         self.save_enabled = save
         self._hashers: dict[str, ChunkHasher] = {}
         self._keys: dict[str, list[bytes] | None] = {}  # req_id -> prompt chunk keys (None: not cacheable)
+        #: mixed into every key after a connector reset (see reset): "" until the first one
+        self._epoch = ""
         self._last_match: dict[str, tuple[int, int]] = {}  # req_id -> (local computed, cached tokens)
         self._tracked: dict[str, _Tracked] = {}
 
@@ -70,6 +72,8 @@ class SchedulerSide:
         rid = request.request_id
         if rid not in self._keys:
             salt = request_salt(self.config, request)
+            if salt is not None and self._epoch:
+                salt = f"{salt}\x1freset:{self._epoch}"
             if salt is None:
                 self._keys[rid] = None
             else:
@@ -179,6 +183,21 @@ class SchedulerSide:
             plan.router_parent = t.router_hashes[b0 - 1] if b0 > 0 else None
         if plan.block_hashes or plan.router_hashes:
             plan.save_token_ids = list(tokens[plan.save_first * cs : plan.save_end * cs])
+
+    def reset(self) -> None:
+        """vLLM's ``reset_prefix_cache(reset_connector=True)``, which its engine core runs when generation is paused
+        to update the weights: every chunk cached so far may be the KV of other weights, so none may be loaded
+        again. The engine's keys move to a fresh namespace (a random epoch in the key scope): chunks stored before
+        are never looked up by this engine again and age out of every tier; other engines sharing the pool are
+        not touched (their weights did not change)."""
+        import secrets
+
+        self._epoch = secrets.token_hex(8)
+        self._keys.clear()
+        self._last_match.clear()
+        self._tracked.clear()  # requests in flight are neither saved nor loaded under the old keys any more
+        log.info("lmcache: connector reset: this engine's chunk keys moved to a new namespace; earlier chunks will "
+                 "not be loaded again")
 
     def request_finished(self, request: Any) -> None:
         # saves complete inside the step that planned them (wait_for_save), so the blocks are free now
