@@ -359,6 +359,14 @@ def test_session_and_model_tables_stay_bounded():
             assert raw.call("hello", model=f"m{i}", geometry=g, heads=[0, 2])["ok"]
         stats = s.http("GET", "/stats")
         assert stats["sessions"] <= MAX_SESSIONS
+        from lmcache.server.local_auth import ClientLock
+
+        lock = ClientLock()  # one client process saying hello again and again costs the server one open file
+        fds = len(os.listdir(f"/proc/{s.proc.pid}/fd"))
+        for _ in range(300):
+            assert raw.call("hello", model="again", alive=lock.path)["shm_path"]
+        assert len(os.listdir(f"/proc/{s.proc.pid}/fd")) - fds <= 2
+        lock.close()
         assert len(s.http("GET", "/clients")) <= MAX_SESSIONS
         looked = s.http("POST", "/lookup", {"tokens": prompt(32)})
         assert len(looked["models"]) <= MAX_MODELS

@@ -44,7 +44,7 @@ from lmcache.server.shm import SharedBuffer
 log = logging.getLogger("lmcache")
 MAX_KEYS = 1 << 16
 EVICTION_LOG = 1 << 16  # evictions kept for engines that poll them (a few MiB at most)
-MAX_SESSIONS = 1024  # engine processes at once; more is refused, idle ones are pruned first
+MAX_SESSIONS = 512  # sessions at once (engine processes: a few per GPU); beyond, the longest idle is forgotten
 MAX_MODELS = 64  # model identities remembered for HTTP /lookup (most recent hello wins)
 SESSION_IDLE_S = 600.0  # a session with no lease and no request for this long is forgotten
 PER_TOKEN_BYTES = 512 << 10  # the largest KV row of one token (a 405B-class model in bf16): sizes message limits
@@ -325,8 +325,16 @@ class CacheServer:
 
     def _forget(self, sid: str) -> None:
         s = self.sessions.pop(sid)
-        if s.probe is not None:
-            s.probe.close(unlink=not s.probe.alive())
+        if s.probe is not None and not any(o.probe is s.probe for o in self.sessions.values()):
+            s.probe.close(unlink=not s.probe.alive())  # the last session of that client process
+
+    def _probe(self, path: object) -> LivenessProbe | None:
+        """One probe (one open file) per client process, however many sessions it opens: a server's file
+        descriptors are bounded, and a client saying hello again must not cost another."""
+        for s in self.sessions.values():
+            if s.probe is not None and s.probe.path == path and s.probe.alive():
+                return s.probe
+        return LivenessProbe.open(path)
 
     def _check_header(self, raw: Any, key: ObjectKey) -> ChunkHeader:
         if not isinstance(raw, bytes) or len(raw) != HEADER_BYTES:
@@ -364,7 +372,7 @@ class CacheServer:
         sid = secrets.token_hex(16)
         now = time.time()
         pid = msg.get("pid") if type(msg.get("pid")) is int else None
-        probe = LivenessProbe.open(msg.get("alive"))
+        probe = self._probe(msg.get("alive"))
         self._session_seq += 1
         self.sessions[sid] = Session(sid, model, identity, now, now, pid=pid, probe=probe, seq=self._session_seq)
         # only a client whose liveness this server can see may map the pool: memory it can touch is never
