@@ -239,10 +239,15 @@ def test_pool_larger_than_dev_shm_is_refused_with_a_fix():
     free_gib = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize / 2**30
     from redisutil import free_port
 
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    size = free_gib + 0.5
     r = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "server", "--http-port", "0", "--port", str(free_port()),
-                        "--cpu-size-gb", str(int(free_gib * 2) + 1)], capture_output=True, text=True, timeout=60)
+                        "--cpu-size-gb", f"{size:.2f}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
-    assert "does not fit in /dev/shm" in r.stderr and "--shm-size" in r.stderr
+    if size > 0.8 * ram_gib:  # a /dev/shm this large: the RAM check (also one line, with its fix) comes first
+        assert "of this machine's" in r.stderr and "use at most" in r.stderr
+    else:
+        assert "does not fit in /dev/shm" in r.stderr and "--shm-size" in r.stderr
 
 
 def test_a_stalled_client_keeps_its_lease_until_it_dies(server, tmp_path):
@@ -294,3 +299,13 @@ def test_engines_read_the_servers_eviction_log(tmp_path):
         assert evicted_now.isdisjoint(str(reader.object_key(k)) for k in reader.hasher().keys(prompt(64, 2)))
     finally:
         s.stop()
+
+
+def test_a_pool_larger_than_dev_shm_is_refused_before_anything_is_allocated():
+    from lmcache.server.shm import SharedBuffer
+
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(ValueError, match="does not fit in /dev/shm.*--shm-size"):
+        SharedBuffer.create(free + (1 << 30), tag="test-")
+    assert set(os.listdir("/dev/shm")) == before
