@@ -27,6 +27,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from lmcache.core.liveness import lock_held
+
 SHM_DIR = "/dev/shm"
 _CLIENT_LOCK = re.compile(r"^lmcache-client-[0-9a-f]{16}\.lock$")
 
@@ -153,14 +155,7 @@ class LivenessProbe:
         return probe
 
     def alive(self) -> bool:
-        if self.fd < 0:
-            return False
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True  # the client holds its exclusive lock
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        return False
+        return self.fd >= 0 and lock_held(self.fd)  # the client holds its exclusive lock while it lives
 
     def close(self, unlink: bool) -> None:
         if self.fd >= 0:

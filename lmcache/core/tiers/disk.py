@@ -41,6 +41,7 @@ from typing import Callable
 from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, byte_view, check_header, payload_checksum
 from lmcache.core.hookspecs import TierUnavailable
 from lmcache.core.keys import ObjectKey
+from lmcache.core.liveness import path_lock_held
 from lmcache.core.memory_pool import MemoryObj
 from lmcache.core.tiers.stats import TierStats
 
@@ -126,17 +127,7 @@ class DiskTier:
     # -- start-up -----------------------------------------------------------------------------------
 
     def _owner_alive(self, tag: str) -> bool:
-        try:
-            fd = os.open(self._owners / f"{tag}.lock", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return path_lock_held(self._owners / f"{tag}.lock")
 
     def _scan(self) -> None:
         dead: set[str] = set()

@@ -59,6 +59,8 @@ class TierStack:
         self.disk = self._open_disk(config)
         self.remote = self._open_remote(config, registry)
         self.lower: list[StorageTier] = [t for t in (self.disk, self.remote) if t is not None]
+        # decided once: a Protocol isinstance check costs more than the rest of a prompt's lookup
+        self._batch_remote: BatchLookup | None = self.remote if isinstance(self.remote, BatchLookup) else None
         # write-back may pin at most a quarter of the CPU pool, shared by the lower tiers
         share = self.cpu.pool.capacity // 4 // max(1, len(self.lower))
         self.writeback = {t.name: WriteBack(t, config.writeback_queue_size, share) for t in self.lower}
@@ -133,7 +135,7 @@ class TierStack:
                 if self.remote is not None:  # one round trip for the rest of the prompt (where the tier can)
                     rest = [okey, *it]
                     remote = self.remote
-                    found_all = (remote.contains_many(rest) if isinstance(remote, BatchLookup)
+                    found_all = (self._batch_remote.contains_many(rest) if self._batch_remote is not None
                                  else (remote.contains(k) for k in rest))
                     for found in found_all:
                         if not found:
