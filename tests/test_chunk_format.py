@@ -47,6 +47,7 @@ def test_head_range_is_one_contiguous_byte_range():
     """A shard of heads [a, b) is bytes [a*per_head, b*per_head) of the payload: one ranged read."""
     g = KVGeometry(3, 4, 4, 4, torch.bfloat16)
     header, payload, blob = _chunk(g, 5, 0, 4, 3)
-    per_head = header.payload_nbytes // 4
-    shard = blob[HEADER_BYTES + 1 * per_head : HEADER_BYTES + 3 * per_head]
+    per_head, start = header.head_nbytes, header.sealed_nbytes
+    assert start == HEADER_BYTES + 8 * 4  # the header, then one checksum per head
+    shard = blob[start + 1 * per_head : start + 3 * per_head]
     assert bytes(shard) == payload[1:3].contiguous().view(torch.uint8).numpy().tobytes()

@@ -47,12 +47,24 @@ def test_corrupted_and_truncated_files_are_misses_and_deleted(tmp_path):
     again = engine(local_disk_path=str(tmp_path))
     assert again.lookup(toks) == 64  # the index trusts names; bytes are checked on read
     assert retrieved_exactly(again, toks, kv, slots) == 32  # stops at the first bad chunk
-    assert again.stack.disk.stats.corrupt == 1
-    assert not flipped.exists()
+    # the four chunks are one run on disk, read side by side: both bad files are caught, counted and deleted
+    assert again.stack.disk.stats.corrupt == 2
+    assert not flipped.exists() and not truncated.exists()
     assert again.lookup(toks) == 32
-    # and the truncated one is caught the same way
     assert again.stack.disk.load(ObjectKey(keys[3], 0, 2), again.stack.cpu.reserve) is None
-    assert again.stack.disk.stats.corrupt == 2 and not truncated.exists()
+
+
+def test_a_truncated_file_read_alone_is_a_miss_and_deleted(tmp_path):
+    e = engine(local_disk_path=str(tmp_path))
+    toks = prompt(32)
+    store(e, toks)
+    e.close()
+    key = engine().hasher().keys(toks)[1]
+    [victim] = [f for f in tmp_path.rglob("*.lmc") if f.name.startswith(key.hex())]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    again = engine(local_disk_path=str(tmp_path))
+    assert again.stack.disk.load(ObjectKey(key, 0, 2), again.stack.cpu.reserve) is None
+    assert again.stack.disk.stats.corrupt == 1 and not victim.exists()
 
 
 def test_lru_eviction_by_capacity(tmp_path):

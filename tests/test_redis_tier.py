@@ -27,6 +27,42 @@ def test_round_trip_through_redis_with_split_parts(redis_server):
     assert len(redis_server.client().keys("lmc:*")) == 6 * 4  # header + 3 parts each
 
 
+def test_engines_with_different_part_sizes_share_objects_and_remove_every_part(redis_server):
+    """The header records the writer's part size: a reader (or remover) with another remote_part_mb finds
+    every part instead of calling the object truncated and deleting it for everyone."""
+    small = engine(remote_url=redis_server.url, remote_part_mb=700 / 2**20)  # 2 KiB chunks in 3 parts
+    toks = prompt(64)
+    kv, slots = store(small, toks)
+    small.flush()
+    raw = redis_server.client()
+    assert len(raw.keys("lmc:*")) == 4 * 4
+    big = engine(remote_url=redis_server.url, remote_part_mb=8)  # would expect one part
+    assert big.lookup_tiers(toks) == ["redis"] * 4
+    assert retrieved_exactly(big, toks, kv, slots) == 64
+    assert big.stack.remote.stats.corrupt == 0 and len(raw.keys("lmc:*")) == 16  # nothing deleted
+    # the other way round: objects in one part, read by an engine that splits small
+    toks2 = prompt(32, 5)
+    kv2, slots2 = store(big, toks2, seed=5)
+    big.flush()
+    assert retrieved_exactly(engine(remote_url=redis_server.url, remote_part_mb=700 / 2**20), toks2, kv2, slots2) == 32
+    # remove by an engine with the other part size leaves no part behind
+    for k in big.hasher().keys(toks):
+        assert big.stack.remote.remove(big.object_key(k))
+    assert len(raw.keys("lmc:*")) == 2 * 2  # only toks2's two objects (header + one part each) are left
+
+
+def test_a_lost_header_leaves_no_orphaned_parts(redis_server):
+    e = engine(remote_url=redis_server.url, remote_part_mb=700 / 2**20)
+    toks = prompt(16)
+    store(e, toks)
+    e.flush()
+    raw = redis_server.client()
+    key = e.object_key(e.hasher().keys(toks)[0])
+    raw.delete(f"lmc:{{{key}}}:h")  # the header is gone (evicted by Redis's own LRU): its parts are orphans
+    e.stack.remote.remove(key)
+    assert raw.keys("lmc:*") == []
+
+
 def test_corrupt_remote_object_is_a_miss_and_deleted(redis_server):
     e = engine(remote_url=redis_server.url)
     toks = prompt(32)

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import blake3
 import torch
@@ -49,7 +50,12 @@ def cmd_tier(args: argparse.Namespace) -> int:
     g = model_shape(args.model_shape)
     header = header_for(g, b"B" * 16, b"\0" * 16, args.chunk_tokens, 0, g.num_kv_heads)
     nbytes = header.payload_nbytes
-    pool = HostMemoryPool(nbytes * 3 + 8192)  # source, raw-read destination, tier-read destination
+    from lmcache.core.tiers.stack import READ_THREADS as _threads
+
+    # source, raw-read destination, one tier-read destination per reader thread; pre-faulted as the CPU tier's pool
+    pool = HostMemoryPool(nbytes * (2 + _threads) + 8192 * (2 + _threads))
+    if cfg.prefault_cpu_memory:
+        pool.buffer.zero_()
     src = pool.allocate(nbytes)
     src.raw.view(torch.int64 if nbytes % 8 == 0 else torch.uint8).random_()
     keys = [ObjectKey(blake3.blake3(f"bench-{i}".encode()).digest(16), 0, g.num_kv_heads) for i in range(args.chunks)]
@@ -79,9 +85,9 @@ def cmd_tier(args: argparse.Namespace) -> int:
         def raw_read() -> None:
             for i in range(len(sealed)):
                 fd = os.open(os.path.join(raw_dir, str(i)), os.O_RDONLY)
-                os.pread(fd, 112, 0)
-                os.lseek(fd, 112, os.SEEK_SET)
-                read_into(fd, dest)
+                skip = len(sealed[i][0])
+                os.pread(fd, skip, 0)
+                read_into(fd, dest, skip)
                 os.close(fd)
         baseline = "raw sequential file write/read (same bytes, same page cache)"
     else:
@@ -108,17 +114,25 @@ def cmd_tier(args: argparse.Namespace) -> int:
         for k, (head, body) in zip(keys, sealed):
             tier.put(k, head, body)
 
+    from lmcache.core.tiers.stack import READ_THREADS
+
+    # as the stack reads a run of chunks from disk: several reads in flight (one at a time for the remote tier)
+    readers = ThreadPoolExecutor(READ_THREADS if args.tier == "disk" else 1)
+
+    def read_one(k: ObjectKey) -> None:
+        got = tier.load(k, pool.allocate)
+        if got is None:
+            raise RuntimeError(f"benchmark object {k} did not read back")
+        got[1].unref()
+
     def tier_read() -> None:
-        for k in keys:
-            got = tier.load(k, pool.allocate)
-            if got is None:
-                raise RuntimeError(f"benchmark object {k} did not read back")
-            got[1].unref()
+        list(readers.map(read_one, keys))
 
     say("raw write"); raw_w = _timed(raw_write)
     say("tier write"); tier_w = _timed(tier_write)
     say("raw read"); raw_r = _timed(raw_read)
     say("tier read (checksums verified)"); tier_r = _timed(tier_read)
+    readers.shutdown()
     for k in keys:
         tier.remove(k)
     startup = None

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from lmcache.core.chunk_format import ChunkHeader, header_for
+from lmcache.core.chunk_format import NO_PARENT, ChunkHeader, header_for
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.convert import SlotPlan, plan_chunks
 from lmcache.core.geometry import ModelIdentity
@@ -155,16 +155,16 @@ class CacheEngine:
         return h
 
     def object_key(self, chunk_key: bytes) -> ObjectKey:
-        return ObjectKey(chunk_key, *self.head_range)
+        return ObjectKey(chunk_key, *self.head_range, self.geometry.num_kv_heads)
 
-    def _header(self, chunk_key: bytes) -> ChunkHeader:
-        return header_for(self.geometry, self._fingerprint, chunk_key, self.chunk_size, *self.head_range)
+    def _header(self, chunk_key: bytes, parent_key: bytes = NO_PARENT) -> ChunkHeader:
+        return header_for(self.geometry, self._fingerprint, chunk_key, self.chunk_size, *self.head_range, parent_key)
 
     # -- the three operations -----------------------------------------------------------------------
 
     def lookup(self, tokens: Tokens, salt: str | None = None) -> int:
         """How many leading tokens are cached in any tier (a multiple of chunk_size). No side effects."""
-        hits = len(self.lookup_tiers(tokens, salt))
+        hits = self.stack.count_prefix(self.hasher(salt).iter_keys(tokens), *self.head_range, self.geometry.num_kv_heads)
         self.stats.lookups += 1
         self.stats.lookup_tokens += len(tokens)
         self.stats.lookup_hit_tokens += hits * self.chunk_size
@@ -202,7 +202,7 @@ class CacheEngine:
         wanted = []
         for i in range(first, len(keys)):
             if complete[i]:
-                wanted.append((i, self.object_key(keys[i]), self._header(keys[i])))
+                wanted.append((i, self.object_key(keys[i]), self._header(keys[i], keys[i - 1] if i else NO_PARENT)))
             else:
                 result.dropped_chunks += 1
         answers = self.stack.reserve_many([(okey, h.payload_nbytes) for _, okey, h in wanted])
@@ -304,7 +304,7 @@ class CacheEngine:
         for h0, h1 in head_ranges or [self.head_range]:
             if hits == 0:
                 break
-            hits = min(hits, len(self.stack.lookup_tiers(ObjectKey(k, h0, h1) for k in keys[:hits])))
+            hits = min(hits, self.stack.count_prefix(keys[:hits], h0, h1, self.geometry.num_kv_heads))
         return hits
 
     # -- housekeeping -------------------------------------------------------------------------------

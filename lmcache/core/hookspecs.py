@@ -80,8 +80,12 @@ class StorageTier(Protocol):
     from the engine's thread and from one write-back thread per tier, so a tier must be thread-safe.
 
     Optional capabilities, each its own protocol below (a minimal tier need not have them):
-    ``BatchLookup.contains_many`` (one round trip for a whole prompt; default: ``contains`` per key) and
-    ``Pingable.ping`` (``lmcache doctor`` checks reachability)."""
+    ``BatchLookup.contains_many`` (one round trip for a whole prompt; default: ``contains`` per key),
+    ``RangedLoad.load_heads`` (read a head sub-range of an object for an engine of another TP size; default:
+    the whole object is read and sliced) and ``Pingable.ping`` (``lmcache doctor`` checks reachability).
+
+    ``put`` gets the sealed header (header + head checksum table) and the payload; a tier that splits the
+    payload records its part size in the header (``part_nbytes``) so every reader finds every part."""
 
     name: str
     stats: "TierStats"
@@ -103,6 +107,20 @@ class BatchLookup(Protocol):
     """A tier that answers many membership questions in one round trip."""
 
     def contains_many(self, keys: list["ObjectKey"]) -> list[bool]: ...
+
+
+#: dest(header of the stored object) -> where its requested heads go (exactly that many bytes), or None: no room
+HeadDest = Callable[["ChunkHeader"], "memoryview | None"]
+
+
+@runtime_checkable
+class RangedLoad(Protocol):
+    """A tier that reads a head sub-range of a stored object without reading the rest of it."""
+
+    def load_heads(self, key: "ObjectKey", head_start: int, head_end: int, dest: HeadDest) -> "ChunkHeader | None":
+        """Read heads [head_start, head_end) (absolute head indices within ``key``'s range) into
+        ``dest(header)``, verified against the object's head checksums; the object's header, or None on a
+        miss, corruption (deleted, counted) or no room."""
 
 
 @runtime_checkable

@@ -22,7 +22,7 @@ from __future__ import annotations
 import array
 import hashlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import blake3
@@ -32,6 +32,7 @@ import torch
 from lmcache.core.geometry import ModelIdentity
 
 KEY_BYTES = 16
+MAX_HEADS = 4096  # more KV heads than any model has; bounds what a key read from a message may ask for
 _LITTLE = sys.byteorder == "little"
 
 
@@ -56,21 +57,32 @@ class ObjectKey:
     """Address of one stored object: a chunk key plus the KV-head range it holds.
 
     The head range is part of the address, not of the chunk key, so tensor-parallel ranks that hold
-    different head shards of the same chunk store side by side under one chunk key.
+    different head shards of the same chunk store side by side under one chunk key. ``total_heads`` (the
+    model's KV heads; 0: not known) is not part of the address: it tells a store which other head ranges
+    could exist, so a reader of one TP size is served from shards stored by another (``head_cover``).
     """
 
     chunk: bytes
     head_start: int
     head_end: int
+    total_heads: int = field(default=0, compare=False)
 
     def __str__(self) -> str:
         return f"{self.chunk.hex()}@{self.head_start}-{self.head_end}"
 
+    def wire(self) -> str:
+        """``str(self)`` plus the total head count, for messages (``parse`` reads both forms)."""
+        return f"{self.chunk.hex()}@{self.head_start}-{self.head_end}/{self.total_heads}"
+
     @classmethod
     def parse(cls, text: str) -> "ObjectKey":
         hexkey, _, heads = text.partition("@")
+        heads, _, total = heads.partition("/")
         start, _, end = heads.partition("-")
-        return cls(bytes.fromhex(hexkey), int(start), int(end))
+        key = cls(bytes.fromhex(hexkey), int(start), int(end), int(total or 0))
+        if not (0 <= key.head_start < key.head_end and 0 <= key.total_heads <= MAX_HEADS):
+            raise ValueError(f"object key '{text[:80]}': bad head range or head count")
+        return key
 
 
 class ChunkHasher:
@@ -108,4 +120,14 @@ class ChunkHasher:
         return blake3.blake3(self.root + page_digest).digest(KEY_BYTES)
 
     def keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> list[bytes]:
-        return list(self.iter_keys(tokens))
+        """Keys of every full chunk (``iter_keys`` in one loop with its names bound locally: this is the
+        first lookup of every request)."""
+        data = token_bytes(tokens)
+        step = self.chunk_size * 4
+        sha256, b3, root = hashlib.sha256, blake3.blake3, self.root
+        out = []
+        prev = b""
+        for start in range(0, len(data) - step + 1, step):
+            prev = sha256(prev + data[start : start + step]).digest()
+            out.append(b3(root + prev).digest(KEY_BYTES))
+        return out

@@ -83,6 +83,11 @@ class ChunkStore(Protocol):
     def lookup_tiers(self, okeys: Iterable["ObjectKey"]) -> list[str]:
         """For each key of the cached prefix, the highest tier holding it. No side effects."""
 
+    def count_prefix(self, chunks: Iterable[bytes], head_start: int, head_end: int, total_heads: int) -> int:
+        """How many leading chunks (chunk keys, one head range of a model with ``total_heads``) are cached in
+        any tier: ``len(lookup_tiers(...))`` without an ObjectKey per chunk on the hot path of every
+        scheduler lookup. Consumes ``chunks`` only up to the first miss. No side effects."""
+
     def reserve_many(self, items: Sequence[tuple["ObjectKey", int]]) -> list[ReserveAnswer]:
         """Per (key, payload bytes): a Reservation, EXISTS, or None (no room: then for every later item too)."""
 

@@ -226,8 +226,11 @@ class ServerStack:
 
     # -- the TierStack interface --------------------------------------------------------------------
 
+    def count_prefix(self, chunks: Iterable[bytes], head_start: int, head_end: int, total_heads: int) -> int:
+        return len(self.lookup_tiers(ObjectKey(c, head_start, head_end, total_heads) for c in chunks))
+
     def lookup_tiers(self, okeys: Iterable[ObjectKey]) -> list[str]:
-        got = self._call("lookup", keys=[str(k) for k in okeys])
+        got = self._call("lookup", keys=[k.wire() for k in okeys])  # with the head count: shards of other TP sizes serve
         return [] if got is None else list(got[0]["tiers"])
 
     @property
@@ -290,7 +293,7 @@ class ServerStack:
         return Committed(got[0]["stored"], 0)
 
     def acquire_prefix(self, okeys: Iterable[ObjectKey], promote: bool | None = None) -> list[Entry]:
-        keys = [str(k) for k in okeys]
+        keys = [k.wire() for k in okeys]
         if not keys or not self._connected():
             return []
         if self._bytes_mode:
@@ -320,7 +323,7 @@ class ServerStack:
         return ok
 
     def prefetch(self, okeys: Iterable[ObjectKey]) -> int:
-        got = self._call("prefetch", keys=[str(k) for k in okeys])
+        got = self._call("prefetch", keys=[k.wire() for k in okeys])
         return 0 if got is None else got[0]["cpu"]
 
     def poll_evictions(self) -> int:

@@ -259,7 +259,8 @@ def start_http(server, host: str, port: int) -> ThreadingHTTPServer:
 
                 h = ChunkHasher(hasher.identity, hasher.chunk_size, str(body.get("salt", "")))
                 with server.lock:
-                    tiers = server.stack.lookup_tiers(ObjectKey(k, *heads) for k in h.iter_keys(tokens))
+                    total = hasher.identity.geometry.num_kv_heads
+                    tiers = server.stack.lookup_tiers(ObjectKey(k, *heads, total) for k in h.iter_keys(tokens))
                 per_tier: dict[str, int] = {}
                 for t in tiers:
                     per_tier[t] = per_tier.get(t, 0) + h.chunk_size

@@ -1,17 +1,18 @@
-"""The CPU tier: chunks in the pooled host memory, LRU eviction, pinned entries never evicted."""
+"""The CPU tier: chunks in the pooled host memory, chain-aware LRU eviction (``chain_lru``: a prompt's
+chunks leave tail first), entries being read never evicted."""
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from lmcache.core.chunk_format import ChunkHeader, byte_view, encode
+from lmcache.core.chunk_format import NO_PARENT, ChunkHeader, byte_view, encode
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
+from lmcache.core.tiers.chain_lru import ChainLru
 from lmcache.core.tiers.stats import TierStats
 
 
@@ -49,7 +50,9 @@ class CpuTier:
         self.pool = pool
         self.on_evict = on_evict
         self.stats = TierStats()
-        self._entries: OrderedDict[ObjectKey, CpuEntry] = OrderedDict()
+        self._entries: ChainLru[CpuEntry] = ChainLru()
+        #: chunk key -> head ranges held, so a reader of another TP size finds the shards covering its heads
+        self._ranges: dict[bytes, set[tuple[int, int]]] = {}
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -58,6 +61,24 @@ class CpuTier:
     def contains(self, key: ObjectKey) -> bool:
         """Pure membership test: no LRU touch, no statistics (lookups may be repeated freely)."""
         return key in self._entries
+
+    def leading(self, chunks: Iterator[bytes], head_range: tuple[int, int]) -> tuple[int, bytes | None]:
+        """(how many leading chunks of ``chunks`` hold ``head_range`` here, the first chunk that does not or
+        None). Lock-free: one dict and one set probe per chunk, each atomic; a chunk committed or evicted
+        meanwhile is seen or not, as with any lookup racing a store."""
+        ranges = self._ranges
+        n = 0
+        for chunk in chunks:
+            held = ranges.get(chunk)
+            if held is None or head_range not in held:
+                return n, chunk
+            n += 1
+        return n, None
+
+    def head_ranges(self, chunk: bytes) -> set[tuple[int, int]]:
+        """The head ranges of ``chunk`` held here (a copy)."""
+        with self._lock:
+            return set(self._ranges.get(chunk, ()))
 
     def acquire(self, key: ObjectKey, count: bool = True) -> CpuEntry | None:
         """The entry with a reader's reference held (release it), or None. Counts a hit or a miss
@@ -68,7 +89,7 @@ class CpuTier:
                 self.stats.misses += count
                 return None
             entry.obj.ref()
-            self._entries.move_to_end(key)
+            self._entries.touch(key)
             if count:
                 self.stats.hits += 1
                 self.stats.bytes_out += entry.header.payload_nbytes
@@ -86,15 +107,27 @@ class CpuTier:
             return obj
 
     def _evict_one(self) -> bool:
-        for key, entry in self._entries.items():
-            if entry.obj.refcount == 1:  # only the tier holds it: nobody is reading
-                del self._entries[key]
-                self.stats.evictions += 1
-                if self.on_evict is not None:
-                    self.on_evict(entry)
-                entry.obj.unref()
-                return True
-        return False
+        # only the tier holds it (refcount 1): nobody is reading; a prompt's tail goes before its head
+        key = self._entries.victim(lambda e: e.obj.refcount == 1)
+        if key is None:
+            return False
+        entry = self._pop(key)
+        assert entry is not None
+        self.stats.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(entry)
+        entry.obj.unref()
+        return True
+
+    def _pop(self, key: ObjectKey) -> CpuEntry | None:
+        entry = self._entries.pop(key)
+        if entry is not None:
+            ranges = self._ranges.get(key.chunk)
+            if ranges is not None:
+                ranges.discard((key.head_start, key.head_end))
+                if not ranges:
+                    del self._ranges[key.chunk]
+        return entry
 
     def commit(self, key: ObjectKey, header: ChunkHeader, obj: MemoryObj) -> bool:
         """Publish a filled chunk. If another writer got there first, ours is dropped (same bytes)."""
@@ -102,14 +135,16 @@ class CpuTier:
             if key in self._entries:
                 obj.unref()
                 return False
-            self._entries[key] = CpuEntry(key, header, obj)
+            parent = None if header.parent_key == NO_PARENT else ObjectKey(header.parent_key, key.head_start, key.head_end)
+            self._entries.add(key, CpuEntry(key, header, obj), parent)
+            self._ranges.setdefault(key.chunk, set()).add((key.head_start, key.head_end))
             self.stats.stores += 1
             self.stats.bytes_in += header.payload_nbytes
             return True
 
     def remove(self, key: ObjectKey) -> bool:
         with self._lock:
-            entry = self._entries.pop(key, None)
+            entry = self._pop(key)
         if entry is None:
             return False
         entry.obj.unref()  # freed now, or when its last reader releases it
@@ -119,6 +154,7 @@ class CpuTier:
         with self._lock:
             entries = list(self._entries.values())
             self._entries.clear()
+            self._ranges.clear()
         for entry in entries:
             entry.obj.unref()
         return len(entries)

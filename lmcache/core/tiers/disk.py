@@ -6,8 +6,9 @@ start. Power loss can still tear a file the kernel had not flushed (unless ``loc
 header and payload checksums catch it, and a bad file is counted, deleted and treated as a miss.
 
 Warm restart: file names carry the object keys, so start-up lists the directory (and stats each file
-for its size and access time) without reading any payload. Eviction is LRU by last access; across
-restarts the order comes from file modification times, which every hit refreshes.
+for its size and access time) without reading any payload. Eviction is LRU by last access, a prompt's
+chunks tail first (``chain_lru``, parents from the headers this process wrote); across restarts the order
+comes from file modification times, which every hit refreshes.
 
 Several processes on one directory (SGLang TP ranks, vLLM data-parallel engines, two servers) are a
 normal deployment, so nothing here assumes the directory is this process's alone:
@@ -34,19 +35,20 @@ import os
 import secrets
 import struct
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, byte_view, check_header, payload_checksum
-from lmcache.core.hookspecs import TierUnavailable
+from lmcache.core.chunk_format import NO_PARENT, ChunkCorrupt, ChunkHeader, byte_view, check_header, check_sealed, verify_heads
+from lmcache.core.hookspecs import HeadDest, TierUnavailable
 from lmcache.core.keys import ObjectKey
 from lmcache.core.liveness import path_lock_held
 from lmcache.core.memory_pool import MemoryObj
+from lmcache.core.tiers.chain_lru import ChainLru
 from lmcache.core.tiers.stats import TierStats
 
 log = logging.getLogger("lmcache")
 SUFFIX = ".lmc"
+_FIRST_READ = 4096  # one read gets the header and the head checksum table of any model up to 498 KV heads
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -56,10 +58,11 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
-def read_into(fd: int, dest: memoryview) -> int:
+def read_into(fd: int, dest: memoryview, offset: int) -> int:
+    """Fill ``dest`` from ``offset`` of the file; how many bytes arrived (fewer: the file ended)."""
     got = 0
     while got < len(dest):
-        n = os.readv(fd, [dest[got:]])
+        n = os.preadv(fd, [dest[got:]], offset + got)
         if n == 0:
             break
         got += n
@@ -83,7 +86,8 @@ class DiskTier:
         self.capacity = capacity_bytes
         self.fsync = fsync
         self.stats = TierStats()
-        self._index: OrderedDict[ObjectKey, int] = OrderedDict()  # key -> file size, LRU first
+        #: key -> file size, least recent first; a prompt's chunks leave tail first (chain_lru)
+        self._index: ChainLru[int] = ChainLru()
         self._lock = threading.Lock()
         self._tmp = self.root / "tmp"
         self._owners = self.root / "owners"
@@ -175,13 +179,8 @@ class DiskTier:
                 found.append((st.st_mtime, key, st.st_size))
         found.sort(key=lambda x: x[0])
         with self._lock:
-            known = dict(self._index)
-            self._index.clear()
-            for _, key, size in found:
-                self._index[key] = size
-            for key in known:  # what this process touched keeps its recency over what it only found now
-                if key in self._index:
-                    self._index.move_to_end(key)
+            # what this process touched keeps its recency over what it only found now
+            self._index.reorder([(key, size) for _, key, size in found], list(self._index))
         return sum(size for _, _, size in found)
 
     # -- paths --------------------------------------------------------------------------------------
@@ -202,16 +201,37 @@ class DiskTier:
         except OSError:
             return False
         with self._lock:
-            self._index.setdefault(key, size)
+            if key not in self._index:
+                self._index.add(key, size)
         return True
 
     def load(self, key: ObjectKey, alloc: Callable[[int], MemoryObj | None]) -> tuple[ChunkHeader, MemoryObj] | None:
         """Read and verify an object into memory from ``alloc(payload_nbytes)``; None on miss or corruption."""
+        got: list[MemoryObj] = []
+
+        def dest(header: ChunkHeader) -> memoryview | None:
+            obj = alloc(header.payload_nbytes)
+            if obj is None:
+                return None
+            got.append(obj)
+            return byte_view(obj.raw)
+
+        header = self._read(key, None, dest)
+        if header is None:
+            for obj in got:
+                obj.unref()
+            return None
+        return header, got[0]
+
+    def load_heads(self, key: ObjectKey, head_start: int, head_end: int, dest: HeadDest) -> ChunkHeader | None:
+        """Heads [head_start, head_end) of the object into ``dest(header)``: one ranged read (RangedLoad)."""
+        return self._read(key, (head_start, head_end), dest)
+
+    def _read(self, key: ObjectKey, heads: tuple[int, int] | None, dest: HeadDest) -> ChunkHeader | None:
         if key not in self._index:
             self.stats.misses += 1
             return None
         path = self._path(key)
-        obj = None
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # evicted or deleted meanwhile
@@ -223,42 +243,50 @@ class DiskTier:
             log.warning("lmcache disk tier: cannot open %s: %s", path, e)
             return None
         try:
-            header = check_header(os.pread(fd, HEADER_BYTES, 0), key)
-            if os.fstat(fd).st_size != HEADER_BYTES + header.payload_nbytes:
+            head = os.pread(fd, _FIRST_READ, 0)
+            header = check_header(head, key)
+            if len(head) < header.sealed_nbytes:
+                head += os.pread(fd, header.sealed_nbytes - len(head), len(head))
+            header, sums = check_sealed(head, key)
+            if os.fstat(fd).st_size != header.sealed_nbytes + header.payload_nbytes:
                 raise ChunkCorrupt("file size does not match its header")
-            obj = alloc(header.payload_nbytes)
-            if obj is None:
+            h0, h1 = heads or (header.head_start, header.head_end)
+            if not header.head_start <= h0 < h1 <= header.head_end:
+                raise ValueError(f"heads [{h0}, {h1}) are not within the object's [{header.head_start}, {header.head_end})")
+            view = dest(header)
+            if view is None:
                 self.stats.drops += 1
                 return None
-            dest = byte_view(obj.raw)
-            os.lseek(fd, HEADER_BYTES, os.SEEK_SET)
-            if read_into(fd, dest) != header.payload_nbytes or payload_checksum(dest) != header.checksum:
-                raise ChunkCorrupt("payload checksum mismatch")
+            first = h0 - header.head_start
+            nbytes = (h1 - h0) * header.head_nbytes
+            if len(view) != nbytes:
+                raise ValueError(f"dest holds {len(view)} bytes for {nbytes} bytes of heads")
+            per = header.head_nbytes
+            for h in range(h1 - h0):  # each head verified right after it arrives, while it is still in cache
+                piece = view[h * per : (h + 1) * per]
+                if read_into(fd, piece, header.sealed_nbytes + (first + h) * per) != per:
+                    raise ChunkCorrupt("file shorter than its header says")
+                verify_heads(header, sums, piece, first + h)
         except ChunkCorrupt as e:
-            if obj is not None:
-                obj.unref()
             self.stats.corrupt += 1
             log.warning("lmcache disk tier: %s is corrupt (%s); deleted, treated as a miss", path.name, e)
             self.remove(key)
             return None
         except OSError as e:
-            if obj is not None:
-                obj.unref()
             self.stats.errors += 1
             log.warning("lmcache disk tier: read of %s failed: %s", path.name, e)
             return None
         finally:
             os.close(fd)
         with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
+            self._index.touch(key)
         try:
             os.utime(path)  # the LRU order survives restarts
         except OSError:
             pass
         self.stats.hits += 1
-        self.stats.bytes_out += header.payload_nbytes
-        return header, obj
+        self.stats.bytes_out += nbytes
+        return header
 
     def put(self, key: ObjectKey, header: bytes, payload: memoryview) -> bool:
         if key in self._index:
@@ -303,9 +331,12 @@ class DiskTier:
             else:
                 log.warning("lmcache disk tier: write failed under %s: %s; chunk dropped", self.root, e)
             return False
+        try:
+            parent_key = ChunkHeader.unpack(header).parent_key
+        except ChunkCorrupt:
+            parent_key = NO_PARENT
         with self._lock:
-            self._index[key] = size
-            self._index.move_to_end(key)
+            self._index.add(key, size, None if parent_key == NO_PARENT else ObjectKey(parent_key, key.head_start, key.head_end))
         if not created:
             return True
         self.stats.stores += 1
@@ -316,7 +347,7 @@ class DiskTier:
 
     def _forget(self, key: ObjectKey) -> int | None:
         with self._lock:
-            return self._index.pop(key, None)
+            return self._index.pop(key)
 
     def _unlink(self, key: ObjectKey) -> bool:
         """Delete an object file; its bytes leave the directory's count only if this call deleted it."""
@@ -340,8 +371,10 @@ class DiskTier:
     def _evict_to(self, limit: int) -> None:
         rescanned = False
         while self._add_usage(0) > limit:
-            with self._lock:
-                victim = self._index.popitem(last=False)[0] if self._index else None
+            with self._lock:  # a prompt's tail leaves before its head (chain_lru)
+                victim = self._index.victim()
+                if victim is not None:
+                    self._index.pop(victim)
             if victim is None:
                 if rescanned:
                     return  # nothing left to evict that this process can see

@@ -1,7 +1,10 @@
 """The remote tier on Redis or Valkey (single node or cluster), shared by every engine that points at it.
 
 An object is stored as parts of at most ``remote_part_mb`` plus a header key written last: the header's
-presence is the commit point, so a writer that dies mid-object leaves no visible object. All keys of an
+presence is the commit point, so a writer that dies mid-object leaves no visible object. The header records
+the part size it was written with (``part_nbytes``): engines with different ``remote_part_mb`` share objects,
+and ``remove`` deletes every part. A head sub-range (another TP size) is read with GETRANGEs of the parts
+that hold it, verified against the object's per-head checksums. All keys of an
 object share one hash tag, so in a cluster they live on one slot and are read with one MGET. Each part's
 bytes are checked against the header's checksum before anything is used.
 
@@ -24,11 +27,12 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, byte_view, check_header, payload_checksum
+from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, byte_view, check_sealed, verify_heads
 from lmcache.core.config import LMCacheConfig
-from lmcache.core.hookspecs import StorageTierSpec, hookimpl
+from lmcache.core.hookspecs import HeadDest, StorageTierSpec, hookimpl
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import MemoryObj
+from lmcache.core.tiers.resp import RespAddress, RespReader
 from lmcache.core.tiers.stats import TierStats
 
 log = logging.getLogger("lmcache")
@@ -66,6 +70,18 @@ def _parse(url: str, password: str, timeout: float) -> redis.Redis | RedisCluste
     return redis.Redis(host=parts.hostname or "127.0.0.1", port=parts.port or 6379, db=db, **common)
 
 
+def _resp_address(url: str, password: str, timeout: float) -> RespAddress | None:
+    """Where the zero-copy reader connects (single node, plain TCP), or None (a cluster or TLS)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "valkey"):
+        return None
+    path = parts.path.lstrip("/")
+    return RespAddress(parts.hostname or "127.0.0.1", parts.port or 6379, int(path) if path.isdigit() else 0,
+                       unquote(parts.username) if parts.username else None,
+                       password or (unquote(parts.password) if parts.password else None), timeout)
+
+
 class RedisTier:
     name = "redis"
 
@@ -73,6 +89,8 @@ class RedisTier:
                  retry_interval_s: float = 1.0) -> None:
         self.url = url
         self.client = _parse(url, password, timeout_s)
+        addr = _resp_address(url, password, timeout_s)
+        self._reader = RespReader(addr) if addr is not None else None
         self.part_bytes = part_bytes
         self.retry_interval_s = retry_interval_s
         self.stats = TierStats()
@@ -146,62 +164,119 @@ class RedisTier:
         return found
 
     def load(self, key: ObjectKey, alloc: Callable[[int], MemoryObj | None]) -> tuple[ChunkHeader, MemoryObj] | None:
+        got: list[MemoryObj] = []
+
+        def dest(header: ChunkHeader) -> memoryview | None:
+            obj = alloc(header.payload_nbytes)
+            if obj is None:
+                return None
+            got.append(obj)
+            return byte_view(obj.raw)
+
+        header = self._read(key, None, dest)
+        if header is None:
+            for obj in got:
+                obj.unref()
+            return None
+        return header, got[0]
+
+    def load_heads(self, key: ObjectKey, head_start: int, head_end: int, dest: HeadDest) -> ChunkHeader | None:
+        """Heads [head_start, head_end) of the object: GETRANGEs of the parts holding them (RangedLoad)."""
+        return self._read(key, (head_start, head_end), dest)
+
+    def _read(self, key: ObjectKey, heads: tuple[int, int] | None, dest: HeadDest) -> ChunkHeader | None:
         if not self._usable():
             self.stats.misses += 1
             return None
-        obj = None
         try:
-            raw = self._bytes(self.client.get(self._hkey(key)))
+            raw = (self._reader.get(self._hkey(key).encode()) if self._reader is not None
+                   else self._bytes(self.client.get(self._hkey(key))))
             if raw is None:
                 self.stats.misses += 1
                 return None
-            if len(raw) != HEADER_BYTES:
+            header, sums = check_sealed(raw, key)
+            if len(raw) != header.sealed_nbytes:
                 raise ChunkCorrupt("bad header object")
-            header = check_header(raw, key)
-            nparts = max(1, -(-header.payload_nbytes // self.part_bytes))
-            got = [self._bytes(p) for p in self.client.mget([self._pkey(key, i) for i in range(nparts)])]
-            parts = [p for p in got if p is not None]
-            if len(parts) != nparts or sum(len(p) for p in parts) != header.payload_nbytes:
-                raise ChunkCorrupt("missing or truncated parts")
-            obj = alloc(header.payload_nbytes)
-            if obj is None:
-                self.stats.drops += 1
-                return None
-            dest = byte_view(obj.raw)
-            at = 0
-            for p in parts:
-                dest[at : at + len(p)] = p
-                at += len(p)
-            if payload_checksum(dest) != header.checksum:
-                raise ChunkCorrupt("payload checksum mismatch")
+            h0, h1 = heads or (header.head_start, header.head_end)
+            if not header.head_start <= h0 < h1 <= header.head_end:
+                raise ValueError(f"heads [{h0}, {h1}) are not within the object's [{header.head_start}, {header.head_end})")
+            first = h0 - header.head_start
+            start, nbytes = first * header.head_nbytes, (h1 - h0) * header.head_nbytes
+            # the writer's part size, from the header: readers with other settings find every part
+            step = header.part_nbytes or max(1, header.payload_nbytes)
+            spans = [(i, max(start, i * step), min(start + nbytes, (i + 1) * step))
+                     for i in range(start // step, -(-(start + nbytes) // step))]
+            whole = heads is None or (start, nbytes) == (0, header.payload_nbytes)
+            if self._reader is not None:  # parts received straight into their place in the pool
+                view = dest(header)
+                if view is None:
+                    self.stats.drops += 1
+                    return None
+                if len(view) != nbytes:
+                    raise ValueError(f"dest holds {len(view)} bytes for {nbytes} bytes of heads")
+                cmds = [(b"GET", self._pkey(key, i).encode()) if whole else
+                        (b"GETRANGE", self._pkey(key, i).encode(), b"%d" % (lo - i * step), b"%d" % (hi - i * step - 1))
+                        for i, lo, hi in spans]
+                places = [view[lo - start : hi - start] for _, lo, hi in spans]
+                if self._reader.read_into(cmds, places) != [len(p) for p in places]:
+                    raise ChunkCorrupt("missing or truncated parts")
+                verify_heads(header, sums, view, first)
+            else:  # a cluster or TLS: redis-py's replies, copied into place
+                if whole:
+                    got = [self._bytes(p) for p in self.client.mget([self._pkey(key, i) for i, _, _ in spans])]
+                else:
+                    pipe = self.client.pipeline(transaction=False)
+                    for i, lo, hi in spans:
+                        pipe.getrange(self._pkey(key, i), lo - i * step, hi - i * step - 1)
+                    got = [self._bytes(p) for p in pipe.execute()]
+                if any(p is None or len(p) != hi - lo for p, (_, lo, hi) in zip(got, spans)):
+                    raise ChunkCorrupt("missing or truncated parts")
+                view = dest(header)
+                if view is None:
+                    self.stats.drops += 1
+                    return None
+                if len(view) != nbytes:
+                    raise ValueError(f"dest holds {len(view)} bytes for {nbytes} bytes of heads")
+                at = 0
+                for p in got:
+                    assert p is not None
+                    view[at : at + len(p)] = p
+                    at += len(p)
+                verify_heads(header, sums, view, first)
         except ChunkCorrupt as e:
-            if obj is not None:
-                obj.unref()
             self.stats.corrupt += 1
             log.warning("lmcache remote tier: object %s is corrupt (%s); deleted, treated as a miss", key, e)
             self.remove(key)
             return None
         except _FAILURES as e:
-            if obj is not None:
-                obj.unref()
             self._failed("read", e)
             return None
         self._ok()
         self.stats.hits += 1
-        self.stats.bytes_out += header.payload_nbytes
-        return header, obj
+        self.stats.bytes_out += nbytes
+        return header
 
     def put(self, key: ObjectKey, header: bytes, payload: memoryview) -> bool:
         if not self._usable():
             self.stats.drops += 1
             return False
         try:
-            pipe = self.client.pipeline(transaction=False)
             step = self.part_bytes
-            for i, at in enumerate(range(0, max(len(payload), 1), step)):
-                pipe.set(self._pkey(key, i), payload[at : at + step])
-            pipe.set(self._hkey(key), header)  # last: the commit point
-            pipe.execute()
+            # the part layout goes into the header, so a reader or remover with another part size finds every part
+            parsed = ChunkHeader.unpack(header)
+            sealed = parsed.replace(part_nbytes=step).pack() + bytes(header[HEADER_BYTES:])
+            if self._reader is not None:  # parts sent from the pool's memory, no copy
+                cmds: list[tuple[bytes | memoryview, ...]] = [
+                    (b"SET", self._pkey(key, i).encode(), payload[at : at + step])
+                    for i, at in enumerate(range(0, max(len(payload), 1), step))]
+                cmds.append((b"SET", self._hkey(key).encode(), sealed))  # last: the commit point
+                self._reader.send_all(cmds)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for i, at in enumerate(range(0, max(len(payload), 1), step)):
+                    pipe.set(self._pkey(key, i), payload[at : at + step])
+                pipe.set(self._hkey(key), sealed)  # last: the commit point
+                pipe.execute()
         except _FAILURES as e:
             self._failed("write", e)
             self.stats.drops += 1
@@ -212,12 +287,15 @@ class RedisTier:
         return True
 
     def remove(self, key: ObjectKey) -> bool:
+        """Delete the header (the commit point) first, then every part: as many as the header says, or,
+        when the header is unreadable, parts in order until one is missing (parts are numbered 0..n-1)."""
         try:
             raw = self._bytes(self.client.get(self._hkey(key)))
-            nparts = 1
-            if raw is not None and len(raw) >= HEADER_BYTES:
+            nparts = 0
+            if raw is not None:
                 try:
-                    nparts = max(1, -(-ChunkHeader.unpack(raw).payload_nbytes // self.part_bytes))
+                    h = ChunkHeader.unpack(raw)
+                    nparts = max(1, -(-h.payload_nbytes // (h.part_nbytes or max(1, h.payload_nbytes))))
                 except ChunkCorrupt:
                     pass
             pipe = self.client.pipeline(transaction=False)
@@ -225,6 +303,15 @@ class RedisTier:
             for i in range(nparts):
                 pipe.delete(self._pkey(key, i))
             pipe.execute()
+            at = nparts
+            while True:  # parts the header did not name (a header lost or corrupt): delete until none is left
+                pipe = self.client.pipeline(transaction=False)
+                for i in range(at, at + 16):
+                    pipe.delete(self._pkey(key, i))
+                deleted = pipe.execute()
+                if not all(deleted):
+                    break
+                at += 16
             return raw is not None
         except _FAILURES as e:
             self._failed("delete", e)
@@ -238,6 +325,8 @@ class RedisTier:
         raise ChunkCorrupt(f"unexpected reply type {type(value).__name__}")
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         try:
             self.client.close()
         except Exception:  # closing a dead connection may raise; nothing to save

@@ -7,14 +7,18 @@ memory). Operations are batched per request so that MP mode needs one round trip
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
-from lmcache.core.chunk_format import ChunkHeader
+from lmcache.core.chunk_format import ChunkCorrupt, ChunkHeader, byte_view
 from lmcache.core.config import LMCacheConfig
-from lmcache.core.hookspecs import BatchLookup, StorageTier, TierUnavailable, hookimpl
+from lmcache.core.head_cover import cover_plans
+from lmcache.core.hookspecs import BatchLookup, RangedLoad, StorageTier, TierUnavailable, hookimpl
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
 from lmcache.core.store import (
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
     from lmcache.core.plugins import Registry
 
 log = logging.getLogger("lmcache")
+READ_THREADS = min(4, os.cpu_count() or 1)
+_TIER_RANK = {"cpu": 0, "disk": 1}  # anything else (the remote tier) ranks below both
 __all__ = ["EXISTS", "Committed", "TierStack"]
 
 
@@ -50,6 +56,10 @@ class TierStack:
 
     def __init__(self, config: LMCacheConfig, buffer: torch.Tensor, pinned: bool, registry: "Registry") -> None:
         self.config = config
+        if config.prefault_cpu_memory and not pinned:
+            # a page touched for the first time costs a fault: a read into a fresh pool runs at a third of memory
+            # speed. Nobody holds the buffer yet, so it may be written (pinned memory is resident already).
+            buffer.zero_()
         self.cpu = CpuTier(HostMemoryPool(buffer.numel(), pinned, buffer=buffer), on_evict=self._demote)
         #: listener(key, "disk" or None) when a chunk leaves the CPU tier (None: it left the machine's tiers
         #: too, as far as this process knows); adapters turn these into their engine's KV events
@@ -64,6 +74,8 @@ class TierStack:
         # write-back may pin at most a quarter of the CPU pool, shared by the lower tiers
         share = self.cpu.pool.capacity // 4 // max(1, len(self.lower))
         self.writeback = {t.name: WriteBack(t, config.writeback_queue_size, share) for t in self.lower}
+        # disk reads release the GIL: several in flight read a batch faster than one after another
+        self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lmcache-read")
 
     # -- opening ------------------------------------------------------------------------------------
 
@@ -106,43 +118,105 @@ class TierStack:
     def _from_lower(self, okey: ObjectKey, promote: bool) -> CpuEntry | None:
         """Load a chunk from the first lower tier holding it; the entry comes back acquired."""
         for tier in self.lower:
-            got = tier.load(okey, self.cpu.reserve)
-            if got is None:
-                continue
-            header, obj = got
-            if not promote:
-                return CpuEntry(okey, header, obj)  # private: freed when released
-            if self.cpu.commit(okey, header, obj):
-                entry = self.cpu.acquire(okey, count=False)
-                if entry is not None and tier is not self.disk and self.disk is not None:
-                    self.writeback["disk"].offer(entry)  # a remote hit is kept on local disk too
+            entry = self._from_tier(tier, okey, promote)
+            if entry is not None:
                 return entry
-            return self.cpu.acquire(okey, count=False)
         return None
+
+    def _from_tier(self, tier: StorageTier | None, okey: ObjectKey, promote: bool) -> CpuEntry | None:
+        """Load a chunk from ``tier`` into the pool (committed to the CPU tier when ``promote``); acquired."""
+        if tier is None:
+            return None
+        got = tier.load(okey, self.cpu.reserve)
+        if got is None:
+            return None
+        header, obj = got
+        if not promote:
+            return CpuEntry(okey, header, obj)  # private: freed when released
+        if self.cpu.commit(okey, header, obj):
+            entry = self.cpu.acquire(okey, count=False)
+            if entry is not None and tier is not self.disk and self.disk is not None:
+                self.writeback["disk"].offer(entry)  # a remote hit is kept on local disk too
+            return entry
+        return self.cpu.acquire(okey, count=False)
 
     # -- batched operations -------------------------------------------------------------------------
 
     def lookup_tiers(self, okeys: Iterable[ObjectKey]) -> list[str]:
-        """For each key of the cached prefix, the highest tier holding it. No side effects."""
+        """For each key of the cached prefix, the highest tier holding it (for a chunk served by shards of
+        another TP size, the lowest tier among its pieces). No side effects."""
         where: list[str] = []
-        it: Iterator[ObjectKey] = iter(okeys)
+        it = iter(okeys)  # lazily: keys after the first miss are not even hashed
         for okey in it:
-            if self.cpu.contains(okey):
-                where.append("cpu")
-            elif self.disk is not None and self.disk.contains(okey):
-                where.append("disk")
-            else:
+            tier = self._local_where(okey)
+            if tier is None and okey.total_heads:
+                tier = self._cover_where(okey, self._local_where)
+            if tier is None:
                 if self.remote is not None:  # one round trip for the rest of the prompt (where the tier can)
-                    rest = [okey, *it]
-                    remote = self.remote
-                    found_all = (self._batch_remote.contains_many(rest) if self._batch_remote is not None
-                                 else (remote.contains(k) for k in rest))
-                    for found in found_all:
-                        if not found:
-                            break
-                        where.append(self.remote.name)
+                    where.extend(self._remote_lookup([okey, *it]))
                 break
+            where.append(tier)
         return where
+
+    def count_prefix(self, chunks: Iterable[bytes], head_start: int, head_end: int, total_heads: int) -> int:
+        it = iter(chunks)
+        n, missing = self.cpu.leading(it, (head_start, head_end))
+        if missing is None:
+            return n
+        rest = (ObjectKey(c, head_start, head_end, total_heads) for c in itertools.chain((missing,), it))
+        return n + len(self.lookup_tiers(rest))
+
+    def _local_where(self, okey: ObjectKey) -> str | None:
+        if self.cpu.contains(okey):
+            return "cpu"
+        if self.disk is not None and self.disk.contains(okey):
+            return "disk"
+        return None
+
+    def _remote_has(self, keys: list[ObjectKey]) -> list[bool]:
+        if self.remote is None or not keys:
+            return [False] * len(keys)
+        if self._batch_remote is not None:
+            return self._batch_remote.contains_many(keys)
+        return [self.remote.contains(k) for k in keys]
+
+    def _remote_lookup(self, rest: list[ObjectKey]) -> list[str]:
+        """The cached prefix of ``rest`` (the first key missed the local tiers) with the remote tier: exact
+        objects in one round trip; a chunk only other TP sizes stored costs one more for its candidate shards,
+        and the shards that served it are asked for the rest of the prompt in one round trip."""
+        assert self.remote is not None
+        name = self.remote.name
+        exact = self._remote_has(rest)
+        known: dict[ObjectKey, bool] = {}
+        where: list[str] = []
+        for n, (okey, found) in enumerate(zip(rest, exact)):
+            tier = name if found else self._local_where(okey)
+            if tier is None and okey.total_heads:
+                plans = cover_plans(okey.head_start, okey.head_end, okey.total_heads)
+                wanted = [p for plan in plans for p in self._pieces(okey, plan) if p not in known]
+                if wanted:
+                    known.update(zip(wanted, self._remote_has(wanted)))
+                tier = self._cover_where(okey, lambda p: self._local_where(p) or (name if known.get(p) else None))
+                if tier is not None:  # the same split most likely serves the rest: ask for it in one go
+                    ahead = [p for later, f in zip(rest[n + 1 :], exact[n + 1 :]) if not f
+                             for plan in plans[:1] for p in self._pieces(later, plan) if p not in known]
+                    known.update(zip(ahead, self._remote_has(ahead)))
+            if tier is None:
+                break
+            where.append(tier)
+        return where
+
+    @staticmethod
+    def _pieces(okey: ObjectKey, plan: tuple[tuple[int, int], ...]) -> list[ObjectKey]:
+        return [ObjectKey(okey.chunk, p0, p1, okey.total_heads) for p0, p1 in plan]
+
+    def _cover_where(self, okey: ObjectKey, where: Callable[[ObjectKey], str | None]) -> str | None:
+        """The tier a chunk is served from by shards of other TP sizes (the lowest among its pieces), or None."""
+        for plan in cover_plans(okey.head_start, okey.head_end, okey.total_heads):
+            tiers = [where(p) for p in self._pieces(okey, plan)]
+            if all(tiers):
+                return max(tiers, key=lambda t: _TIER_RANK.get(t or "", 2))
+        return None
 
     def reserve_many(self, items: Sequence[tuple[ObjectKey, int]]) -> list[ReserveAnswer]:
         """Per (key, nbytes): EXISTS, a MemoryObj to fill, or None when the pool has no room (and for
@@ -183,17 +257,139 @@ class TierStack:
         return Committed(stored)
 
     def acquire_prefix(self, okeys: Iterable[ObjectKey], promote: bool | None = None) -> list[CpuEntry]:
-        """Entries of the cached prefix, each with a reader's reference (release_many them)."""
-        promote = self.config.promote_on_hit if promote is None else promote
-        entries = []
-        for okey in okeys:
-            entry = self.cpu.acquire(okey)
+        """Entries of the cached prefix, each with a reader's reference (release_many them). A run of chunks
+        on local disk is read in parallel (``_disk_run``); a chunk stored only by engines of other TP sizes is
+        assembled from their shards (``_assemble``)."""
+        return self._acquire(list(okeys), self.config.promote_on_hit if promote is None else promote, True)
+
+    def _acquire(self, keys: list[ObjectKey], promote: bool, count: bool) -> list[CpuEntry]:
+        entries: list[CpuEntry] = []
+        i = 0
+        while i < len(keys):
+            okey = keys[i]
+            entry = self.cpu.acquire(okey, count=count)
+            if entry is None:
+                run = self._disk_run(keys, i)
+                if len(run) > 1:
+                    if count:  # the run's other chunks miss the CPU tier too
+                        self.cpu.stats.misses += len(run) - 1
+                    got = list(self._readers.map(lambda k: self._from_tier(self.disk, k, promote), run))
+                    ended = next((n for n, e in enumerate(got) if e is None), len(got))
+                    entries.extend(e for e in got[:ended] if e is not None)
+                    self.release_many(e for e in got[ended:] if e is not None)  # past a gap: not part of the prefix
+                    if ended < len(got):
+                        return entries
+                    i += len(run)
+                    continue
             if entry is None and self.lower:
                 entry = self._from_lower(okey, promote)
+            if entry is None and okey.total_heads:
+                entry = self._assemble(okey, promote)
             if entry is None:
                 break
             entries.append(entry)
+            i += 1
         return entries
+
+    def _disk_run(self, keys: list[ObjectKey], start: int) -> list[ObjectKey]:
+        """keys[start:j]: the chunks from ``start`` on that are on local disk and not in the CPU tier (at most
+        a few per reader thread): reads that can run side by side, each into its own pool memory."""
+        if self.disk is None:
+            return []
+        run: list[ObjectKey] = []
+        limit = 4 * READ_THREADS
+        for okey in keys[start : start + limit]:
+            if self.cpu.contains(okey) or not self.disk.contains(okey):
+                break
+            run.append(okey)
+        return run
+
+    def _assemble(self, okey: ObjectKey, promote: bool) -> CpuEntry | None:
+        """Heads [a, b) of a chunk from shards other TP sizes stored (``head_cover``), into one new object in
+        the pool: each piece's heads are read straight into their place (a ranged read from disk or remote,
+        a copy from the CPU tier) and verified against that piece's head checksums. Committed to the CPU tier
+        when ``promote`` (the next read is an exact hit); the entry comes back acquired."""
+        a, b = okey.head_start, okey.head_end
+        for plan in cover_plans(a, b, okey.total_heads):
+            pieces = self._pieces(okey, plan)
+            if not all(self._local_where(p) or (self.remote is not None and self.remote.contains(p)) for p in pieces):
+                continue
+            target: list[tuple[ChunkHeader, MemoryObj]] = []
+
+            def dest_for(lo: int, hi: int) -> Callable[[ChunkHeader], memoryview | None]:
+                def dest(piece: ChunkHeader) -> memoryview | None:
+                    if not target:
+                        header = piece.replace(head_start=a, head_end=b, payload_nbytes=piece.head_nbytes * (b - a),
+                                               checksum=0, part_nbytes=0)
+                        obj = self.cpu.reserve(header.payload_nbytes)
+                        if obj is None:
+                            return None
+                        target.append((header, obj))
+                    header, obj = target[0]
+                    if piece.head_nbytes != header.head_nbytes or piece.replace(
+                            head_start=a, head_end=b, payload_nbytes=header.payload_nbytes, checksum=0,
+                            part_nbytes=0, parent_key=header.parent_key) != header:
+                        raise ChunkCorrupt("shards of one chunk disagree on its shape")
+                    at = (lo - a) * header.head_nbytes
+                    return byte_view(obj.raw)[at : at + (hi - lo) * header.head_nbytes]
+                return dest
+
+            ok = True
+            for piece in pieces:
+                lo, hi = max(a, piece.head_start), min(b, piece.head_end)
+                try:
+                    ok = self._read_heads(piece, lo, hi, dest_for(lo, hi))
+                except ChunkCorrupt as e:
+                    log.warning("lmcache: chunk %s not assembled from shards: %s", okey, e)
+                    ok = False
+                if not ok:
+                    break
+            if not target:
+                continue
+            header, obj = target[0]
+            if not ok:
+                obj.unref()
+                continue
+            if not promote:
+                return CpuEntry(okey, header, obj)  # private: freed when released
+            self.cpu.commit(okey, header, obj)
+            entry = self.cpu.acquire(okey, count=False)
+            if entry is not None:
+                return entry
+        return None
+
+    def _read_heads(self, piece: ObjectKey, lo: int, hi: int, dest: Callable[[ChunkHeader], memoryview | None]) -> bool:
+        """Heads [lo, hi) of one stored shard into ``dest(header)``, from the highest tier holding it."""
+        entry = self.cpu.acquire(piece, count=False)
+        if entry is not None:
+            try:
+                view = dest(entry.header)
+                if view is None:
+                    return False
+                per, first = entry.header.head_nbytes, lo - piece.head_start
+                view[:] = byte_view(entry.obj.raw)[first * per : (first + hi - lo) * per]
+                return True
+            finally:
+                self.cpu.release(entry)
+        for tier in self.lower:
+            if isinstance(tier, RangedLoad):
+                if tier.load_heads(piece, lo, hi, dest) is not None:
+                    return True
+                continue
+            got = tier.load(piece, self.cpu.reserve)  # a tier without ranged reads: the whole object, then its heads
+            if got is None:
+                continue
+            header, whole = got
+            try:
+                view = dest(header)
+                if view is None:
+                    return False
+                per, first = header.head_nbytes, lo - piece.head_start
+                view[:] = byte_view(whole.raw)[first * per : (first + hi - lo) * per]
+                return True
+            finally:
+                whole.unref()
+        return False
 
     def release_many(self, entries: Iterable[Readable]) -> bool:
         """Drop readers' references; True (in-process, a reference cannot be lost)."""
@@ -205,15 +401,9 @@ class TierStack:
 
     def prefetch(self, okeys: Iterable[ObjectKey]) -> int:
         """Pull lower-tier hits into the CPU tier; returns how many leading keys are now there."""
-        n = 0
-        for okey in okeys:
-            if not self.cpu.contains(okey):
-                entry = self._from_lower(okey, promote=True)
-                if entry is None:
-                    break
-                self.cpu.release(entry)
-            n += 1
-        return n
+        entries = self._acquire(list(okeys), promote=True, count=False)
+        self.release_many(entries)
+        return len(entries)
 
     # -- housekeeping -------------------------------------------------------------------------------
 
@@ -238,6 +428,7 @@ class TierStack:
         return self.cpu.clear()
 
     def close(self) -> None:
+        self._readers.shutdown(wait=True)
         for wb in self.writeback.values():
             wb.close()
         for tier in self.lower:
