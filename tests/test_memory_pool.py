@@ -51,3 +51,37 @@ def test_memory_obj_refcount_frees_on_last_release():
 def test_pool_capacity_must_be_positive():
     with pytest.raises(ValueError, match="raise max_cpu_size_gb"):
         HostMemoryPool(0)
+
+
+def test_prefault_touches_free_memory_only_and_never_a_chunk():
+    """The background prefault writes only memory no chunk holds, even while chunks come and go."""
+    import threading
+
+    from lmcache.core.memory_pool import HostMemoryPool
+
+    step = 64 << 10
+    pool = HostMemoryPool(64 * step)
+    pool.buffer.fill_(0xAB)  # marks what the prefault has not written
+    held = [pool.allocate(3 * step + 100) for _ in range(4)]
+    for i, obj in enumerate(held):
+        obj.raw.fill_(i + 1)
+    stop = threading.Event()
+
+    def churn() -> None:  # allocations racing the prefault: each must keep its bytes
+        while not stop.is_set():
+            obj = pool.allocate(step)
+            if obj is not None:
+                obj.raw.fill_(0x5A)
+                assert bool((obj.raw == 0x5A).all())
+                obj.unref()
+
+    t = threading.Thread(target=churn)
+    t.start()
+    pool.prefault(step).join(timeout=30)
+    stop.set()
+    t.join()
+    for i, obj in enumerate(held):
+        assert bool((obj.raw == i + 1).all()), "the prefault wrote into a held chunk"
+    top = pool.buffer[16 * step :]  # never allocated: touched (zeroed) by the prefault
+    assert bool((top == 0).all())
+    pool.close()

