@@ -201,3 +201,22 @@ def test_close_lets_the_server_forget_the_client_and_a_killed_process_is_forgott
         assert server.http("GET", "/stats")["sessions"] == 0
     finally:
         server.stop()
+
+
+def test_get_stats_through_sglangs_own_metrics_collector():
+    """SGLang's real StorageMetricsCollector (as its scheduler runs it with --enable-metrics) takes what
+    get_stats() returns; run where SGLang's metrics module imports (the Dynamo venv: torchvision guarded)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from venvs import dynamo_python  # skips locally, fails under CI, without that venv
+
+    here = Path(__file__).resolve().parent
+    r = subprocess.run([dynamo_python(), str(here / "sglang_metrics_check.py")], capture_output=True, text=True,
+                       timeout=300, cwd=here.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["prefetch_pgs_count"] == 1 and got["prefetch_pgs_sum"] == 3  # one batch of 3 pages each way
+    assert got["backup_pgs_count"] == 1 and got["backup_pgs_sum"] == 3
+    assert got["prefetch_bandwidth_sum"] > 0 and got["backup_bandwidth_sum"] > 0

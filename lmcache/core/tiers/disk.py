@@ -38,13 +38,14 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from lmcache.core.chunk_format import NO_PARENT, ChunkCorrupt, ChunkHeader, byte_view, check_header, check_sealed, verify_heads
+from lmcache.core.chunk_format import NO_PARENT, ChunkCorrupt, ChunkHeader, check_header, check_sealed, verify_heads
 from lmcache.core.hookspecs import HeadDest, TierUnavailable
 from lmcache.core.keys import ObjectKey
 from lmcache.core.liveness import path_lock_held
 from lmcache.core.memory_pool import MemoryObj
 from lmcache.core.tiers.chain_lru import ChainLru
 from lmcache.core.tiers.stats import TierStats
+from lmcache.core.tiers.whole_load import load_whole
 
 log = logging.getLogger("lmcache")
 SUFFIX = ".lmc"
@@ -207,21 +208,7 @@ class DiskTier:
 
     def load(self, key: ObjectKey, alloc: Callable[[int], MemoryObj | None]) -> tuple[ChunkHeader, MemoryObj] | None:
         """Read and verify an object into memory from ``alloc(payload_nbytes)``; None on miss or corruption."""
-        got: list[MemoryObj] = []
-
-        def dest(header: ChunkHeader) -> memoryview | None:
-            obj = alloc(header.payload_nbytes)
-            if obj is None:
-                return None
-            got.append(obj)
-            return byte_view(obj.raw)
-
-        header = self._read(key, None, dest)
-        if header is None:
-            for obj in got:
-                obj.unref()
-            return None
-        return header, got[0]
+        return load_whole(lambda dest: self._read(key, None, dest), alloc)
 
     def load_heads(self, key: ObjectKey, head_start: int, head_end: int, dest: HeadDest) -> ChunkHeader | None:
         """Heads [head_start, head_end) of the object into ``dest(header)``: one ranged read (RangedLoad)."""

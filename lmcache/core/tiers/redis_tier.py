@@ -27,13 +27,14 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, byte_view, check_sealed, verify_heads
+from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, check_sealed, verify_heads
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.hookspecs import HeadDest, StorageTierSpec, hookimpl
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import MemoryObj
 from lmcache.core.tiers.resp import RespAddress, RespReader
 from lmcache.core.tiers.stats import TierStats
+from lmcache.core.tiers.whole_load import load_whole
 
 log = logging.getLogger("lmcache")
 SCHEMES = ("redis", "rediss", "valkey", "valkeys", "redis+cluster", "rediss+cluster", "valkey+cluster")
@@ -164,21 +165,7 @@ class RedisTier:
         return found
 
     def load(self, key: ObjectKey, alloc: Callable[[int], MemoryObj | None]) -> tuple[ChunkHeader, MemoryObj] | None:
-        got: list[MemoryObj] = []
-
-        def dest(header: ChunkHeader) -> memoryview | None:
-            obj = alloc(header.payload_nbytes)
-            if obj is None:
-                return None
-            got.append(obj)
-            return byte_view(obj.raw)
-
-        header = self._read(key, None, dest)
-        if header is None:
-            for obj in got:
-                obj.unref()
-            return None
-        return header, got[0]
+        return load_whole(lambda dest: self._read(key, None, dest), alloc)
 
     def load_heads(self, key: ObjectKey, head_start: int, head_end: int, dest: HeadDest) -> ChunkHeader | None:
         """Heads [head_start, head_end) of the object: GETRANGEs of the parts holding them (RangedLoad)."""
@@ -207,13 +194,19 @@ class RedisTier:
             spans = [(i, max(start, i * step), min(start + nbytes, (i + 1) * step))
                      for i in range(start // step, -(-(start + nbytes) // step))]
             whole = heads is None or (start, nbytes) == (0, header.payload_nbytes)
-            if self._reader is not None:  # parts received straight into their place in the pool
+
+            def claim() -> memoryview | None:
                 view = dest(header)
                 if view is None:
                     self.stats.drops += 1
-                    return None
-                if len(view) != nbytes:
+                elif len(view) != nbytes:
                     raise ValueError(f"dest holds {len(view)} bytes for {nbytes} bytes of heads")
+                return view
+
+            if self._reader is not None:  # parts received straight into their place in the pool
+                view = claim()
+                if view is None:
+                    return None
                 cmds = [(b"GET", self._pkey(key, i).encode()) if whole else
                         (b"GETRANGE", self._pkey(key, i).encode(), b"%d" % (lo - i * step), b"%d" % (hi - i * step - 1))
                         for i, lo, hi in spans]
@@ -231,12 +224,9 @@ class RedisTier:
                     got = [self._bytes(p) for p in pipe.execute()]
                 if any(p is None or len(p) != hi - lo for p, (_, lo, hi) in zip(got, spans)):
                     raise ChunkCorrupt("missing or truncated parts")
-                view = dest(header)
+                view = claim()
                 if view is None:
-                    self.stats.drops += 1
                     return None
-                if len(view) != nbytes:
-                    raise ValueError(f"dest holds {len(view)} bytes for {nbytes} bytes of heads")
                 at = 0
                 for p in got:
                     assert p is not None
