@@ -57,8 +57,6 @@ class TierStack:
     def __init__(self, config: LMCacheConfig, buffer: torch.Tensor, pinned: bool, registry: "Registry") -> None:
         self.config = config
         self.cpu = CpuTier(HostMemoryPool(buffer.numel(), pinned, buffer=buffer), on_evict=self._demote)
-        if config.prefault_cpu_memory:
-            self.cpu.pool.prefault()  # in the background, free memory only (see HostMemoryPool.prefault)
         #: listener(key, "disk" or None) when a chunk leaves the CPU tier (None: it left the machine's tiers
         #: too, as far as this process knows); adapters turn these into their engine's KV events
         self.eviction_listeners: list[EvictionListener] = []
@@ -74,6 +72,11 @@ class TierStack:
         self.writeback = {t.name: WriteBack(t, config.writeback_queue_size, share) for t in self.lower}
         # disk reads release the GIL: several in flight read a batch faster than one after another
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lmcache-read")
+        if config.prefault_cpu_memory:
+            # in the background, free memory only (HostMemoryPool.prefault); started last, once nothing above can
+            # fail: a caller that unmaps the buffer after a failed start (the server's shared memory) must find no
+            # thread writing to it
+            self.cpu.pool.prefault()
 
     # -- opening ------------------------------------------------------------------------------------
 
