@@ -84,6 +84,9 @@ KVC = '--kv-transfer-config \'{"kv_connector":"LMCacheConnector","kv_connector_m
      "--hicache-storage-backend-extra-config '{\"backend_name\":\"lmcache\",\"class_name\":\"C\"}'",
      "hicache extra config", "fail", '"module_path"'),
     ("python -m sglang.launch_server --page-size 100", "--page-size", "fail", "set chunk_size to 100"),
+    # vLLM connects (publishes to nobody) unless the endpoint is a wildcard: Dynamo's router would hear nothing
+    ("python -m dynamo.vllm --model m --kv-events-config '{\"publisher\":\"zmq\",\"endpoint\":\"tcp://127.0.0.1:5557\"}'",
+     "kv-events-config", "fail", '"endpoint":"tcp://*:5557"'),
 ])
 def test_command_line_mistakes(cmd, row, status, fix):
     code, _, rows = doctor("--check-cmd", cmd, "--skip-engines")

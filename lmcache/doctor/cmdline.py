@@ -189,9 +189,32 @@ def _vllm(flags: dict, chunk_size: int, server_url: str = "tcp://127.0.0.1:5555"
                 else:
                     yield Check("hybrid KV cache manager", OK, "vLLM turns it off for this connector (sliding-window "
                                 "layers get full-attention KV; Mamba-hybrid models are not supported)")
+    events = flags.get("--kv-events-config")
+    if events is not None:
+        yield from _kv_events(events)
     block = flags.get("--block-size")
     if block is not None:
         yield from _alignment("--block-size", block, chunk_size)
+
+
+def _kv_events(raw: str) -> Iterator[Check]:
+    """vLLM binds its KV-event publisher only for a wildcard (or ipc) endpoint and *connects* for any other, so
+    ``tcp://127.0.0.1:5557`` publishes to nobody: a router (Dynamo's) never hears of a block, silently."""
+    try:
+        cfg = json.loads(raw)
+        endpoint = str(cfg.get("endpoint", "tcp://*:5557")) if isinstance(cfg, dict) else None
+    except ValueError:
+        endpoint = None
+    if endpoint is None:
+        yield Check("kv-events-config", FAIL, f"is not a JSON object: {raw[:60]}",
+                    "wrap the JSON in single quotes: --kv-events-config '{\"enable_kv_cache_events\":true,...}'")
+    elif cfg.get("publisher", "zmq") == "zmq" and not ("*" in endpoint or "::" in endpoint
+                                                       or endpoint.startswith(("ipc://", "inproc://"))):
+        port = endpoint.rpartition(":")[2]
+        yield Check("kv-events-config", FAIL, f"endpoint {endpoint} makes vLLM connect, not bind: no router receives "
+                    "its KV events", f'use "endpoint":"tcp://*:{port}" (routers connect to this host\'s port {port})')
+    else:
+        yield Check("kv-events-config", OK, f"vLLM publishes KV events on {endpoint}")
 
 
 def _sglang(flags: dict, chunk_size: int) -> Iterator[Check]:
