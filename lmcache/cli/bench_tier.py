@@ -16,6 +16,7 @@ from lmcache.core.chunk_format import encode, header_for
 from lmcache.core.geometry import MODEL_SHAPES, model_shape
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool
+from lmcache.core.tiers.stack import READ_THREADS
 
 
 def add_parser(bsub: argparse._SubParsersAction) -> None:
@@ -50,10 +51,8 @@ def cmd_tier(args: argparse.Namespace) -> int:
     g = model_shape(args.model_shape)
     header = header_for(g, b"B" * 16, b"\0" * 16, args.chunk_tokens, 0, g.num_kv_heads)
     nbytes = header.payload_nbytes
-    from lmcache.core.tiers.stack import READ_THREADS as _threads
-
     # source, raw-read destination, one tier-read destination per reader thread; pre-faulted as the CPU tier's pool
-    pool = HostMemoryPool(nbytes * (2 + _threads) + 8192 * (2 + _threads))
+    pool = HostMemoryPool((nbytes + 8192) * (2 + READ_THREADS))
     if cfg.prefault_cpu_memory:
         pool.buffer.zero_()
     src = pool.allocate(nbytes)
@@ -113,8 +112,6 @@ def cmd_tier(args: argparse.Namespace) -> int:
     def tier_write() -> None:
         for k, (head, body) in zip(keys, sealed):
             tier.put(k, head, body)
-
-    from lmcache.core.tiers.stack import READ_THREADS
 
     # as the stack reads a run of chunks from disk: several reads in flight (one at a time for the remote tier)
     readers = ThreadPoolExecutor(READ_THREADS if args.tier == "disk" else 1)

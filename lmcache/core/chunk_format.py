@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
 
 from lmcache.core.geometry import CODE_DTYPES, DTYPE_CODES, KIND_CODES, KVGeometry
-from lmcache.core.keys import ObjectKey
+
+if TYPE_CHECKING:
+    from lmcache.core.keys import ObjectKey
 
 MAGIC = b"LMCK"
 FORMAT_VERSION = 2
@@ -147,12 +149,18 @@ def check_sealed(raw: bytes | memoryview, key: "ObjectKey") -> tuple[ChunkHeader
     """The header and head checksums of a stored object whose first ``sealed_nbytes`` bytes are ``raw``
     (more may follow); the table is verified against the header's checksum."""
     header = check_header(raw, key)
+    return header, head_sums(header, raw)
+
+
+def head_sums(header: ChunkHeader, raw: bytes | memoryview) -> list[int]:
+    """The head checksum table that follows ``header`` in ``raw`` (the object's first bytes), verified
+    against the header's checksum of it."""
     if len(raw) < header.sealed_nbytes:
         raise ChunkCorrupt(f"truncated head checksum table: {len(raw)} of {header.sealed_nbytes} bytes")
     table = bytes(raw[HEADER_BYTES : header.sealed_nbytes])
     if xxhash.xxh3_64_intdigest(table) != header.checksum:
         raise ChunkCorrupt("head checksum table does not match its header")
-    return header, list(struct.unpack(f"<{header.num_heads}Q", table))
+    return list(struct.unpack(f"<{header.num_heads}Q", table))
 
 
 def verify_heads(header: ChunkHeader, sums: list[int], data: memoryview | bytes, first: int) -> None:
@@ -200,7 +208,7 @@ def decode(buf: bytes | memoryview | bytearray) -> tuple[ChunkHeader, memoryview
     header = ChunkHeader.unpack(mv[:HEADER_BYTES])
     if header.payload_nbytes != header.expected_nbytes() or len(mv) != header.sealed_nbytes + header.payload_nbytes:
         raise ChunkCorrupt(f"object is {len(mv)} bytes, header says {header.sealed_nbytes + header.payload_nbytes}")
-    header, sums = check_sealed(mv, ObjectKey(header.chunk_key, header.head_start, header.head_end))
+    sums = head_sums(header, mv)
     payload = mv[header.sealed_nbytes :]
     verify_heads(header, sums, payload, 0)
     return header, payload

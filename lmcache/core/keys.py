@@ -120,14 +120,4 @@ class ChunkHasher:
         return blake3.blake3(self.root + page_digest).digest(KEY_BYTES)
 
     def keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> list[bytes]:
-        """Keys of every full chunk (``iter_keys`` in one loop with its names bound locally: this is the
-        first lookup of every request)."""
-        data = token_bytes(tokens)
-        step = self.chunk_size * 4
-        sha256, b3, root = hashlib.sha256, blake3.blake3, self.root
-        out = []
-        prev = b""
-        for start in range(0, len(data) - step + 1, step):
-            prev = sha256(prev + data[start : start + step]).digest()
-            out.append(b3(root + prev).digest(KEY_BYTES))
-        return out
+        return list(self.iter_keys(tokens))

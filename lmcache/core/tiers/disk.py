@@ -38,7 +38,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from lmcache.core.chunk_format import NO_PARENT, ChunkCorrupt, ChunkHeader, check_header, check_sealed, verify_heads
+from lmcache.core.chunk_format import NO_PARENT, ChunkCorrupt, ChunkHeader, check_header, head_sums, verify_heads
 from lmcache.core.hookspecs import HeadDest, TierUnavailable
 from lmcache.core.keys import ObjectKey
 from lmcache.core.liveness import path_lock_held
@@ -234,7 +234,7 @@ class DiskTier:
             header = check_header(head, key)
             if len(head) < header.sealed_nbytes:
                 head += os.pread(fd, header.sealed_nbytes - len(head), len(head))
-            header, sums = check_sealed(head, key)
+            sums = head_sums(header, head)
             if os.fstat(fd).st_size != header.sealed_nbytes + header.payload_nbytes:
                 raise ChunkCorrupt("file size does not match its header")
             h0, h1 = heads or (header.head_start, header.head_end)

@@ -67,6 +67,7 @@ class TierStack:
         self.lower: list[StorageTier] = [t for t in (self.disk, self.remote) if t is not None]
         # decided once: a Protocol isinstance check costs more than the rest of a prompt's lookup
         self._batch_remote: BatchLookup | None = self.remote if isinstance(self.remote, BatchLookup) else None
+        self._ranged: dict[str, RangedLoad] = {t.name: t for t in self.lower if isinstance(t, RangedLoad)}
         # write-back may pin at most a quarter of the CPU pool, shared by the lower tiers
         share = self.cpu.pool.capacity // 4 // max(1, len(self.lower))
         self.writeback = {t.name: WriteBack(t, config.writeback_queue_size, share) for t in self.lower}
@@ -319,17 +320,16 @@ class TierStack:
 
             def dest_for(lo: int, hi: int) -> Callable[[ChunkHeader], memoryview | None]:
                 def dest(piece: ChunkHeader) -> memoryview | None:
+                    # the piece's header, as the header of heads [a, b) of the same chunk
+                    wanted = piece.replace(head_start=a, head_end=b, payload_nbytes=piece.head_nbytes * (b - a),
+                                           checksum=0, part_nbytes=0)
                     if not target:
-                        header = piece.replace(head_start=a, head_end=b, payload_nbytes=piece.head_nbytes * (b - a),
-                                               checksum=0, part_nbytes=0)
-                        obj = self.cpu.reserve(header.payload_nbytes)
+                        obj = self.cpu.reserve(wanted.payload_nbytes)
                         if obj is None:
                             return None
-                        target.append((header, obj))
+                        target.append((wanted, obj))
                     header, obj = target[0]
-                    if piece.head_nbytes != header.head_nbytes or piece.replace(
-                            head_start=a, head_end=b, payload_nbytes=header.payload_nbytes, checksum=0,
-                            part_nbytes=0, parent_key=header.parent_key) != header:
+                    if wanted.replace(parent_key=header.parent_key) != header:  # parents may be unknown to some writers
                         raise ChunkCorrupt("shards of one chunk disagree on its shape")
                     at = (lo - a) * header.head_nbytes
                     return byte_view(obj.raw)[at : at + (hi - lo) * header.head_nbytes]
@@ -361,35 +361,32 @@ class TierStack:
 
     def _read_heads(self, piece: ObjectKey, lo: int, hi: int, dest: Callable[[ChunkHeader], memoryview | None]) -> bool:
         """Heads [lo, hi) of one stored shard into ``dest(header)``, from the highest tier holding it."""
+        def copy_heads(header: ChunkHeader, whole: MemoryObj) -> bool:  # from a whole object in memory
+            view = dest(header)
+            if view is None:
+                return False
+            per, first = header.head_nbytes, lo - piece.head_start
+            view[:] = byte_view(whole.raw)[first * per : (first + hi - lo) * per]
+            return True
+
         entry = self.cpu.acquire(piece, count=False)
         if entry is not None:
             try:
-                view = dest(entry.header)
-                if view is None:
-                    return False
-                per, first = entry.header.head_nbytes, lo - piece.head_start
-                view[:] = byte_view(entry.obj.raw)[first * per : (first + hi - lo) * per]
-                return True
+                return copy_heads(entry.header, entry.obj)
             finally:
                 self.cpu.release(entry)
         for tier in self.lower:
-            if isinstance(tier, RangedLoad):
-                if tier.load_heads(piece, lo, hi, dest) is not None:
+            ranged = self._ranged.get(tier.name)
+            if ranged is not None:
+                if ranged.load_heads(piece, lo, hi, dest) is not None:
                     return True
                 continue
             got = tier.load(piece, self.cpu.reserve)  # a tier without ranged reads: the whole object, then its heads
-            if got is None:
-                continue
-            header, whole = got
-            try:
-                view = dest(header)
-                if view is None:
-                    return False
-                per, first = header.head_nbytes, lo - piece.head_start
-                view[:] = byte_view(whole.raw)[first * per : (first + hi - lo) * per]
-                return True
-            finally:
-                whole.unref()
+            if got is not None:
+                try:
+                    return copy_heads(*got)
+                finally:
+                    got[1].unref()
         return False
 
     def release_many(self, entries: Iterable[Readable]) -> bool:
