@@ -34,7 +34,7 @@ def test_the_engine_example_runs():
     assert r.returncode == 0 and "bit for bit" in r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("name", ["cpu-only.yaml", "cpu-disk.yaml", "cpu-disk-redis.yaml", "mp-server.yaml"])
+@pytest.mark.parametrize("name", ["cpu-only.yaml", "cpu-disk.yaml", "cpu-disk-redis.yaml", "cpu-disk-redis-s3.yaml", "mp-server.yaml"])
 def test_the_example_configs_load(name):
     cfg = load_config(ROOT / "examples" / name, env={})
     assert cfg.chunk_size == 256

@@ -95,7 +95,7 @@ def test_unreachable_at_start_keeps_serving_from_cpu():
 def test_redis_down_and_back_mid_workload(tmp_path):
     server = RedisServer(tmp_path, persist=True).start()  # its data survives its restart
     e = engine(chunks_in_cpu=16, remote_url=server.url, remote_timeout_s=0.3)
-    e.stack.remote.retry_interval_s = 0.2
+    e.stack.remote.health.retry_interval_s = 0.2
     try:
         first = prompt(32, 1)
         kv1, s1 = store(e, first)

@@ -14,6 +14,7 @@ import torch
 
 from lmcache.core.chunk_format import encode, header_for
 from lmcache.core.geometry import MODEL_SHAPES, model_shape
+from lmcache.core.hookspecs import ParallelWrites
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool
 from lmcache.core.tiers.stack import READ_THREADS
@@ -22,13 +23,14 @@ from lmcache.core.tiers.stack import READ_THREADS
 def add_parser(bsub: argparse._SubParsersAction) -> None:
     from lmcache.cli.main import add_config_flags
 
-    t = bsub.add_parser("tier", help="disk or redis tier throughput vs. raw file / raw redis-py I/O of the same bytes")
-    t.add_argument("--tier", required=True, choices=("disk", "redis"))
+    t = bsub.add_parser("tier", help="disk, redis or s3 tier throughput vs. raw file / redis-py / boto3 I/O of the same bytes")
+    t.add_argument("--tier", required=True, choices=("disk", "redis", "s3"))
     t.add_argument("--model-shape", default="llama-3-8b", choices=sorted(MODEL_SHAPES))
     t.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk (default 256)")
     t.add_argument("--chunks", type=int, default=16, help="chunks written and read back (default 16)")
     t.add_argument("--path", help="disk: directory to use (default: a temporary directory, removed after)")
-    t.add_argument("--url", default="redis://127.0.0.1:6379/0", help="redis: server URL (default %(default)s)")
+    t.add_argument("--url", help="redis: server URL (default redis://127.0.0.1:6379/0); s3: s3://bucket/prefix (default: "
+                   "remote_url's s3:// entry; endpoint and credentials as the tier takes them: s3_endpoint_url, AWS_*)")
     t.add_argument("--startup-chunks", type=int, default=0,
                    help="disk: also time a warm start with this many small objects on disk (e.g. 100000)")
     t.add_argument("--json", action="store_true", help="machine-readable output")
@@ -89,9 +91,13 @@ def cmd_tier(args: argparse.Namespace) -> int:
                 read_into(fd, dest, skip)
                 os.close(fd)
         baseline = "raw sequential file write/read (same bytes, same page cache)"
+    elif args.tier == "s3":
+        tier, raw_write, raw_read, cleanup_raw = _s3_setup(args, cfg, sealed)
+        baseline = "raw boto3 put_object/get_object of the same bytes, one object each"
     else:
         from lmcache.core.tiers.redis_tier import RedisTier
 
+        args.url = args.url or "redis://127.0.0.1:6379/0"
         tier = RedisTier(args.url, cfg.remote_password, max(cfg.remote_timeout_s, 30.0), int(cfg.remote_part_mb * 2**20))
         if not tier.ping():
             raise ValueError(f"--url {args.url}: no Redis answers there; start redis-server or pass --url")
@@ -109,9 +115,12 @@ def cmd_tier(args: argparse.Namespace) -> int:
 
     say(f"{args.chunks} chunks of {nbytes / 2**20:.1f} MiB ({args.model_shape}, {args.chunk_tokens} tokens each)")
 
+    # as the write-back writes: one object at a time, or several for a tier with several write-back threads
+    writers = ThreadPoolExecutor(tier.write_workers if isinstance(tier, ParallelWrites) else 1)
+
     def tier_write() -> None:
-        for k, (head, body) in zip(keys, sealed):
-            tier.put(k, head, body)
+        if not all(writers.map(lambda kb: tier.put(kb[0], *kb[1]), zip(keys, sealed))):
+            raise RuntimeError(f"the {args.tier} tier dropped benchmark objects (see the log above)")
 
     # as the stack reads a run of chunks from disk: several reads in flight (one at a time for the remote tier)
     readers = ThreadPoolExecutor(READ_THREADS if args.tier == "disk" else 1)
@@ -130,11 +139,14 @@ def cmd_tier(args: argparse.Namespace) -> int:
     say("raw read"); raw_r = _timed(raw_read)
     say("tier read (checksums verified)"); tier_r = _timed(tier_read)
     readers.shutdown()
+    writers.shutdown()
     for k in keys:
         tier.remove(k)
     startup = None
     if args.tier == "disk" and args.startup_chunks:
         startup = _disk_startup(os.path.join(root, "startup"), args.startup_chunks, say)
+    if args.tier == "s3":
+        cleanup_raw()
     if args.tier == "redis":
         raw_client.delete(*[f"lmcache-bench-raw:{i}" for i in range(len(sealed))])
     tier.close()
@@ -178,3 +190,34 @@ def _disk_startup(path: str, count: int, say) -> float:
     assert len(reopened) == count
     shutil.rmtree(path, ignore_errors=True)
     return elapsed
+
+
+def _s3_setup(args: argparse.Namespace, cfg, sealed):
+    """The S3 tier and the same client library's raw PUT/GET of the same bytes (boto3, one object per call)."""
+    from lmcache.core.config import remote_urls
+    from lmcache.core.tiers.s3_tier import S3Tier
+
+    url = args.url or next((u for u in remote_urls(cfg) if u.startswith("s3://")), None)
+    if url is None:
+        raise ValueError("--tier s3 needs --url s3://bucket/prefix (or an s3:// entry in remote_url)")
+    tier = S3Tier(url, cfg)
+    problems = [f"{found}; fix: {fix}" for status, found, fix in tier.diagnose() if status != "ok"]
+    if problems:
+        tier.close()
+        raise ValueError(problems[0])
+    client, bucket = tier.client, tier.bucket
+    names = [f"{tier.prefix}lmcache-bench-raw/{i}" for i in range(len(sealed))]
+    bodies = [b"".join(s) for s in sealed]  # what the tier stores: sealed header + payload
+
+    def raw_write() -> None:
+        for name, body in zip(names, bodies):
+            client.put_object(Bucket=bucket, Key=name, Body=body)
+
+    def raw_read() -> None:
+        for name in names:
+            client.get_object(Bucket=bucket, Key=name)["Body"].read()
+
+    def cleanup() -> None:
+        client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": n} for n in names]})
+
+    return tier, raw_write, raw_read, cleanup

@@ -152,11 +152,11 @@ def cmd_server(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot listen on HTTP {args.host}:{args.http_port}: {e}; pick another --http-port") from None
     from lmcache.core.hookspecs import Pingable
 
-    remote = server.stack.remote
-    if isinstance(remote, Pingable) and not remote.ping():
-        # started all the same (it reconnects by itself), but said everywhere a person looks
-        server.stack.tier_problems.append(f"remote tier {remote.safe_url()} does not answer within "
-                                          f"{cfg.remote_timeout_s}s: stores to it drop and lookups miss until it does")
+    for remote in server.stack.remotes:
+        if isinstance(remote, Pingable) and not remote.ping():
+            # started all the same (it reconnects by itself), but said everywhere a person looks
+            server.stack.tier_problems.append(f"remote tier {remote.safe_url()} does not answer: stores to it "
+                                              "drop and lookups miss until it does")
     tiers = ["cpu"] + [t.name for t in server.stack.lower]
     print(f"lmcache server {server.instance} listening on tcp://{args.host}:{args.port}"
           + (f", http://{args.http_host or args.host}:{args.http_port}" if httpd else ""), flush=True)

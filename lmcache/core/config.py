@@ -47,8 +47,25 @@ def _backend_name(v: Any) -> str | None:
     return None if v and v.replace("_", "").replace("-", "").isalnum() else "auto, cpu, cuda, rocm, ascend or a plugin's backend name"
 
 
+def _remote_urls(v: Any) -> str | None:
+    urls = v.split()
+    if all("://" in u for u in urls) and len({u.split("://", 1)[0].lower() for u in urls}) == len(urls):
+        return None
+    return ("empty (no remote tier), a URL such as redis://127.0.0.1:6379/0, or several of different kinds separated "
+            "by spaces, highest first, e.g. 'redis://127.0.0.1:6379/0 s3://bucket/prefix'")
+
+
+def remote_urls(config: "LMCacheConfig") -> list[str]:
+    """The remote tiers' URLs, highest first (``remote_url`` holds them separated by spaces)."""
+    return config.remote_url.split()
+
+
+def _part_mb(v: Any) -> str | None:
+    return None if 5 <= v <= 5 * 1024 else "a number of MiB in 5..5120 (S3's part size limits)"
+
+
 def _url_or_empty(v: Any) -> str | None:
-    return None if v == "" or "://" in v else "empty (no remote tier) or a URL such as redis://127.0.0.1:6379/0"
+    return None if v == "" or v.startswith(("http://", "https://")) else "empty or an http(s):// URL such as http://127.0.0.1:7480"
 
 
 def _key(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
@@ -69,10 +86,17 @@ class LMCacheConfig:
     local_disk_path: str = _key("", "Directory of the local disk tier; empty disables the disk tier.")
     max_local_disk_size_gb: float = _key(20.0, "Capacity of the local disk tier, in GiB.", _positive)
     local_disk_fsync: bool = _key(False, "fsync each disk write: survives power loss, not only crashes; slower.")
-    remote_url: str = _key("", "Remote tier URL (redis://host:port/db, rediss://, redis+cluster://h:p,h:p, or a plugin's scheme); empty disables it.", _url_or_empty)
+    remote_url: str = _key("", "Remote tier URL (redis://host:port/db, rediss://, redis+cluster://h:p,h:p, s3://bucket/prefix, or a plugin's scheme); several, space-separated, stack highest first ('redis://h:6379/0 s3://bucket/kv/'); empty disables it.", _remote_urls)
     remote_password: str = _key("", "Password for the remote tier (better set as env LMCACHE_REMOTE_PASSWORD than in a file).")
     remote_timeout_s: float = _key(1.0, "Longest the engine waits on the remote tier per operation, in seconds.", _positive)
     remote_part_mb: float = _key(8.0, "Largest single value written to the remote store, in MiB; bigger chunks are split.", _positive)
+    s3_endpoint_url: str = _key("", "S3 endpoint for a store other than AWS (Ceph RGW, MinIO: http://host:port); empty: AWS, or AWS_ENDPOINT_URL. Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance role), never from this file.", _url_or_empty)
+    s3_region: str = _key("", "S3 region; empty: the AWS chain's (AWS_REGION, ~/.aws/config), else us-east-1.")
+    s3_addressing_style: str = _key("auto", "S3 addressing: path (bucket in the path: Ceph, MinIO), virtual (bucket in the host name: AWS), or auto (path with a custom endpoint, else virtual).", _choice("auto", "path", "virtual"))
+    s3_part_mb: float = _key(8.0, "Size of the ranges an S3 object is read in (in parallel) and of its multipart-upload parts, MiB.", _part_mb)
+    s3_multipart_mb: float = _key(64.0, "Objects larger than this, in MiB, are uploaded in parts side by side; smaller ones with one PUT (faster on most stores).", _positive)
+    s3_concurrency: int = _key(8, "S3 requests in flight per tier: parallel ranged GETs, multipart parts, lookup HEADs.", _positive)
+    s3_timeout_s: float = _key(5.0, "Longest an S3 request may stall (connecting, or between bytes), in seconds; then the tier misses/drops and retries a second later.", _positive)
     writeback_queue_size: int = _key(256, "Chunks queued per lower tier for asynchronous write-back; beyond it stores are dropped and counted.", _positive)
     promote_on_hit: bool = _key(True, "Copy a chunk found in a lower tier into the CPU tier when it is retrieved.")
     mode: str = _key("inproc", "Where the cache pool lives: inproc (inside the engine process) or mp (a shared 'lmcache server').", _choice("inproc", "mp"))
@@ -113,6 +137,8 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
     f = config_keys()[key]
     want = _type_of(f)
     value: Any
+    if key == "remote_url" and isinstance(raw, list):  # YAML: a list of tiers, highest first
+        raw = " ".join(str(u) for u in raw)
     try:
         if want is bool:
             if isinstance(raw, str):

@@ -82,7 +82,9 @@ class StorageTier(Protocol):
     Optional capabilities, each its own protocol below (a minimal tier need not have them):
     ``BatchLookup.contains_many`` (one round trip for a whole prompt; default: ``contains`` per key),
     ``RangedLoad.load_heads`` (read a head sub-range of an object for an engine of another TP size; default:
-    the whole object is read and sliced) and ``Pingable.ping`` (``lmcache doctor`` checks reachability).
+    the whole object is read and sliced), ``Pingable.ping`` (``lmcache doctor`` checks reachability),
+    ``Diagnosable.diagnose`` (doctor's finer checks) and ``ParallelWrites.write_workers`` (several write-back
+    threads).
 
     ``put`` gets the sealed header (header + head checksum table) and the payload; a tier that splits the
     payload records its part size in the header (``part_nbytes``) so every reader finds every part."""
@@ -104,7 +106,8 @@ class StorageTier(Protocol):
 
 @runtime_checkable
 class BatchLookup(Protocol):
-    """A tier that answers many membership questions in one round trip."""
+    """A tier that answers many membership questions in one round trip. The stack asks for a prompt's
+    leading run, so a tier may report keys after the first absent one as absent without asking its store."""
 
     def contains_many(self, keys: list["ObjectKey"]) -> list[bool]: ...
 
@@ -132,6 +135,23 @@ class Pingable(Protocol):
 
     def safe_url(self) -> str:
         """Where the tier points, secrets masked (for messages)."""
+
+
+@runtime_checkable
+class ParallelWrites(Protocol):
+    """A tier whose stores gain from several objects in flight (an object store): its write-back runs
+    ``write_workers`` threads instead of one; ``put`` must be safe to call from all of them at once."""
+
+    write_workers: int
+
+
+@runtime_checkable
+class Diagnosable(Protocol):
+    """A tier that can say what is wrong with its store (``lmcache doctor``), beyond whether it answers."""
+
+    def diagnose(self) -> list[tuple[str, str, str]]:
+        """(status "ok"|"warn"|"fail", what was found, one-line fix) per aspect checked (endpoint,
+        credentials, permissions...); it may write and delete a probe object."""
 
 
 @dataclass(frozen=True)

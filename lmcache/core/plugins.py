@@ -17,7 +17,8 @@ log = logging.getLogger("lmcache")
 
 # Built-ins register through the same hooks as outside packages.
 BUILTIN_PLUGINS = ("lmcache.hardware.cpu", "lmcache.hardware.cuda", "lmcache.hardware.rocm", "lmcache.hardware.ascend",
-                   "lmcache.core.tiers.stack", "lmcache.core.tiers.redis_tier", "lmcache.server.client",
+                   "lmcache.core.tiers.stack", "lmcache.core.tiers.redis_tier", "lmcache.core.tiers.s3_spec",
+                   "lmcache.server.client",
                    "lmcache.adapters.vllm", "lmcache.adapters.sglang", "lmcache.adapters.dynamo")
 ENTRY_POINT_GROUP = "lmcache"
 

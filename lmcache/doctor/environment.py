@@ -169,29 +169,42 @@ def _router_events(cfg) -> Iterator[Check]:
 
 
 def _remote(cfg) -> Iterator[Check]:
+    from lmcache.core.config import remote_urls
+
     if not cfg.remote_url:
         yield Check("remote tier", OK, "off (remote_url is empty)")
         return
-    scheme = cfg.remote_url.split("://", 1)[0].lower()
+    urls = remote_urls(cfg)
+    for url in urls:
+        yield from _remote_one(cfg, url, "remote tier" if len(urls) == 1 else f"remote tier {url.split('://')[0]}")
+
+
+def _remote_one(cfg, url: str, what: str) -> Iterator[Check]:
+    from lmcache.core.hookspecs import Diagnosable, Pingable
+
+    scheme = url.split("://", 1)[0].lower()
     spec = get_registry().tiers.get(scheme)
     if spec is None:
-        yield Check("remote tier", FAIL, f"no tier handles '{scheme}://'", f"use one of {', '.join(sorted(get_registry().tiers))}")
+        yield Check(what, FAIL, f"no tier handles '{scheme}://'", f"use one of {', '.join(sorted(get_registry().tiers))}")
         return
     try:
-        tier = spec.factory(cfg.remote_url, cfg)
+        tier = spec.factory(url, cfg)
     except ValueError as e:
-        yield Check("remote tier", FAIL, str(e), "fix remote_url")
+        yield Check(what, FAIL, str(e), "fix remote_url")
         return
-    from lmcache.core.hookspecs import Pingable
-
-    if not isinstance(tier, Pingable):
-        yield Check("remote tier", OK, f"{scheme}:// tier created (it cannot be pinged)")
-    elif tier.ping():
-        yield Check("remote tier", OK, f"{tier.safe_url()} answers")
-    else:
-        yield Check("remote tier", FAIL, f"{tier.safe_url()} does not answer within {cfg.remote_timeout_s}s",
-                    "start the server, or fix remote_url / remote_password")
-    tier.close()
+    try:
+        if isinstance(tier, Diagnosable):
+            for status, found, fix in tier.diagnose():
+                yield Check(what, status, found, fix)
+        elif not isinstance(tier, Pingable):
+            yield Check(what, OK, f"{scheme}:// tier created (it cannot be pinged)")
+        elif tier.ping():
+            yield Check(what, OK, f"{tier.safe_url()} answers")
+        else:
+            yield Check(what, FAIL, f"{tier.safe_url()} does not answer within {cfg.remote_timeout_s}s",
+                        "start the server, or fix remote_url / remote_password")
+    finally:
+        tier.close()
 
 
 def plugins() -> Iterator[Check]:

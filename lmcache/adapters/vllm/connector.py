@@ -220,8 +220,8 @@ class LMCacheConnector(KVConnectorBase_V1):
             self._lookup_server = LookupServer(self._channel, engine.lookup_chunks)
         if engine is not None:
             c = self.config
-            tiers = " -> ".join(["cpu " + f"{c.max_cpu_size_gb:g} GiB"] + [t for t in ("disk" if c.local_disk_path else "",
-                                                                             c.remote_url.split("://")[0]) if t])
+            tiers = " -> ".join(["cpu " + f"{c.max_cpu_size_gb:g} GiB"] + (["disk"] if c.local_disk_path else [])
+                                + [u.split("://")[0] for u in c.remote_url.split()])
             log.info("lmcache: worker rank %d ready: mode %s%s, tiers %s, chunk %d tokens, backend %s%s",
                      self._worker.tp_rank, c.mode, f" ({c.server_url})" if c.mode == "mp" else "",
                      "server's" if c.mode == "mp" else tiers, c.chunk_size, engine.backend.name,

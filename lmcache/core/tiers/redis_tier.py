@@ -8,17 +8,15 @@ that hold it, verified against the object's per-head checksums. All keys of an
 object share one hash tag, so in a cluster they live on one slot and are read with one MGET. Each part's
 bytes are checked against the header's checksum before anything is used.
 
-Failure policy: a down, unreachable or slow server makes lookups miss and stores drop (counted); the
-engine never waits longer than ``remote_timeout_s``. After a failure the tier stays quiet for a second,
-then tries again, so it reconnects by itself when the server is back. Memory on the server is bounded by
+Failure policy (``RemoteHealth``): a down, unreachable or slow server makes lookups miss and stores drop
+(counted); the engine never waits longer than ``remote_timeout_s``. After a failure the tier stays quiet for
+a second, then tries again, so it reconnects by itself when the server is back. Memory on the server is bounded by
 the server's own ``maxmemory`` + ``allkeys-lru`` policy (set it; see README).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
@@ -32,6 +30,7 @@ from lmcache.core.config import LMCacheConfig
 from lmcache.core.hookspecs import HeadDest, StorageTierSpec, hookimpl
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import MemoryObj
+from lmcache.core.tiers.health import RemoteHealth
 from lmcache.core.tiers.resp import RespAddress, RespReader
 from lmcache.core.tiers.stats import TierStats
 from lmcache.core.tiers.whole_load import load_whole
@@ -93,33 +92,19 @@ class RedisTier:
         addr = _resp_address(url, password, timeout_s)
         self._reader = RespReader(addr) if addr is not None else None
         self.part_bytes = part_bytes
-        self.retry_interval_s = retry_interval_s
         self.stats = TierStats()
-        self._down_until = 0.0
-        self._down_logged = False
-        self._lock = threading.Lock()
+        self.health = RemoteHealth(self._safe_url(), self.stats, retry_interval_s)
 
-    # -- connection health --------------------------------------------------------------------------
+    # -- connection health (RemoteHealth: a quiet period after a failure, then a retry) ------------------
 
     def _usable(self) -> bool:
-        return time.monotonic() >= self._down_until
+        return self.health.usable()
 
     def _failed(self, what: str, e: Exception) -> None:
-        self.stats.errors += 1
-        with self._lock:
-            self._down_until = time.monotonic() + self.retry_interval_s
-            if not self._down_logged:
-                self._down_logged = True
-                log.warning("lmcache remote tier %s: %s failed (%s: %s); lookups miss and stores drop until it "
-                            "answers again (retrying every %.1fs)", self._safe_url(), what, type(e).__name__, e,
-                            self.retry_interval_s)
+        self.health.failed(what, e)
 
     def _ok(self) -> None:
-        if self._down_logged:
-            with self._lock:
-                if self._down_logged:
-                    self._down_logged = False
-                    log.warning("lmcache remote tier %s: reachable again", self._safe_url())
+        self.health.ok()
 
     def _safe_url(self) -> str:
         p = urlsplit(self.url)

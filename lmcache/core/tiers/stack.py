@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import torch
 
 from lmcache.core.chunk_format import ChunkCorrupt, ChunkHeader, byte_view
-from lmcache.core.config import LMCacheConfig
+from lmcache.core.config import LMCacheConfig, remote_urls
 from lmcache.core.head_cover import cover_plans
-from lmcache.core.hookspecs import BatchLookup, RangedLoad, StorageTier, TierUnavailable, hookimpl
+from lmcache.core.hookspecs import BatchLookup, ParallelWrites, RangedLoad, StorageTier, TierUnavailable, hookimpl
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
 from lmcache.core.store import (
@@ -40,12 +40,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmcache")
 READ_THREADS = min(4, os.cpu_count() or 1)
-_TIER_RANK = {"cpu": 0, "disk": 1}  # anything else (the remote tier) ranks below both
 __all__ = ["EXISTS", "Committed", "TierStack"]
 
 
 class TierStack:
-    """The in-process ``ChunkStore`` (``lmcache.core.store``): CPU tier, then disk, then a remote tier.
+    """The in-process ``ChunkStore`` (``lmcache.core.store``): CPU tier, then disk, then the remote tiers in
+    ``remote_url``'s order (e.g. Redis, then S3).
 
     Invariants: a chunk is in the CPU tier's index only once committed (readers never see a half-written
     chunk); memory with a reader's reference is never evicted or reused; a chunk leaving the CPU tier is
@@ -63,14 +63,20 @@ class TierStack:
         #: problems met while opening tiers (a tier that cannot work is left out, never fatal)
         self.tier_problems: list[str] = []
         self.disk = self._open_disk(config)
-        self.remote = self._open_remote(config, registry)
-        self.lower: list[StorageTier] = [t for t in (self.disk, self.remote) if t is not None]
+        #: the remote tiers, highest first; ``remote`` is the first (or None)
+        self.remotes = self._open_remotes(config, registry)
+        self.remote = self.remotes[0] if self.remotes else None
+        self.lower: list[StorageTier] = ([self.disk] if self.disk is not None else []) + self.remotes
+        #: tier name -> rank, highest first (the remote tiers below the local ones, in their configured order)
+        self._rank = {"cpu": 0, "disk": 1} | {t.name: 2 + n for n, t in enumerate(self.remotes)}
         # decided once: a Protocol isinstance check costs more than the rest of a prompt's lookup
-        self._batch_remote: BatchLookup | None = self.remote if isinstance(self.remote, BatchLookup) else None
+        self._batch: dict[str, BatchLookup] = {t.name: t for t in self.remotes if isinstance(t, BatchLookup)}
         self._ranged: dict[str, RangedLoad] = {t.name: t for t in self.lower if isinstance(t, RangedLoad)}
         # write-back may pin at most a quarter of the CPU pool, shared by the lower tiers
         share = self.cpu.pool.capacity // 4 // max(1, len(self.lower))
-        self.writeback = {t.name: WriteBack(t, config.writeback_queue_size, share) for t in self.lower}
+        self.writeback = {t.name: WriteBack(t, config.writeback_queue_size, share,
+                                            t.write_workers if isinstance(t, ParallelWrites) else 1)
+                          for t in self.lower}
         # disk reads release the GIL: several in flight read a batch faster than one after another
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lmcache-read")
         if config.prefault_cpu_memory:
@@ -92,20 +98,20 @@ class TierStack:
             return None
 
     @staticmethod
-    def _open_remote(config: LMCacheConfig, registry: "Registry") -> StorageTier | None:
-        if not config.remote_url:
-            return None
-        scheme = config.remote_url.split("://", 1)[0].lower()
-        spec = registry.tiers.get(scheme)
-        if spec is None:
-            raise ValueError(f"remote_url '{config.remote_url}': no storage tier handles '{scheme}://'; "
-                             f"registered schemes: {', '.join(sorted(registry.tiers))}")
-        tier = spec.factory(config.remote_url, config)
-        if not isinstance(tier, StorageTier):
-            missing = [m for m in ("name", "stats", "contains", "load", "put", "remove", "close") if not hasattr(tier, m)]
-            raise ValueError(f"the storage tier plugin for '{scheme}://' returned a {type(tier).__name__} without "
-                             f"{', '.join(missing)}: it must implement lmcache.core.hookspecs.StorageTier")
-        return tier
+    def _open_remotes(config: LMCacheConfig, registry: "Registry") -> list[StorageTier]:
+        tiers: list[StorageTier] = []
+        try:
+            for url in remote_urls(config):
+                tiers.append(open_remote(url, config, registry))
+                names = [t.name for t in tiers]
+                if len(set(names)) < len(names) or "cpu" in names or "disk" in names:
+                    raise ValueError(f"remote_url '{config.remote_url}': two remote tiers named '{names[-1]}'; "
+                                     "list each kind of store once")
+        except BaseException:
+            for t in tiers:
+                t.close()
+            raise
+        return tiers
 
     # -- movement between tiers ---------------------------------------------------------------------
 
@@ -137,8 +143,9 @@ class TierStack:
             return CpuEntry(okey, header, obj)  # private: freed when released
         if self.cpu.commit(okey, header, obj):
             entry = self.cpu.acquire(okey, count=False)
-            if entry is not None and tier is not self.disk and self.disk is not None:
-                self.writeback["disk"].offer(entry)  # a remote hit is kept on local disk too
+            if entry is not None:  # a hit is kept in the tiers above the one it came from (local disk, Redis)
+                for above in self.lower[: self.lower.index(tier)]:
+                    self.writeback[above.name].offer(entry)
             return entry
         return self.cpu.acquire(okey, count=False)
 
@@ -154,7 +161,7 @@ class TierStack:
             if tier is None and okey.total_heads:
                 tier = self._cover_where(okey, self._local_where)
             if tier is None:
-                if self.remote is not None:  # one round trip for the rest of the prompt (where the tier can)
+                if self.remotes:  # one round trip per tier for the rest of the prompt (where the tier can)
                     where.extend(self._remote_lookup([okey, *it]))
                 break
             where.append(tier)
@@ -175,30 +182,38 @@ class TierStack:
             return "disk"
         return None
 
-    def _remote_has(self, keys: list[ObjectKey]) -> list[bool]:
-        if self.remote is None or not keys:
-            return [False] * len(keys)
-        if self._batch_remote is not None:
-            return self._batch_remote.contains_many(keys)
-        return [self.remote.contains(k) for k in keys]
+    def _remote_has(self, keys: list[ObjectKey]) -> list[str | None]:
+        """For each key, the highest remote tier holding it, or None: one batched question per tier, each
+        lower tier asked only about what the ones above it lack."""
+        where: list[str | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for tier in self.remotes:
+            if not todo:
+                break
+            batch = self._batch.get(tier.name)
+            asked = [keys[i] for i in todo]
+            found = batch.contains_many(asked) if batch is not None else [tier.contains(k) for k in asked]
+            for i, f in zip(todo, found):
+                if f:
+                    where[i] = tier.name
+            todo = [i for i, f in zip(todo, found) if not f]
+        return where
 
     def _remote_lookup(self, rest: list[ObjectKey]) -> list[str]:
-        """The cached prefix of ``rest`` (the first key missed the local tiers) with the remote tier: exact
-        objects in one round trip; a chunk only other TP sizes stored costs one more for its candidate shards,
-        and the shards that served it are asked for the rest of the prompt in one round trip."""
-        assert self.remote is not None
-        name = self.remote.name
+        """The cached prefix of ``rest`` (the first key missed the local tiers) with the remote tiers: exact
+        objects in one round trip per tier; a chunk only other TP sizes stored costs one more for its candidate
+        shards, and the shards that served it are asked for the rest of the prompt in one round trip."""
         exact = self._remote_has(rest)
-        known: dict[ObjectKey, bool] = {}
+        known: dict[ObjectKey, str | None] = {}
         where: list[str] = []
         for n, (okey, found) in enumerate(zip(rest, exact)):
-            tier = name if found else self._local_where(okey)
+            tier = found or self._local_where(okey)
             if tier is None and okey.total_heads:
                 plans = cover_plans(okey.head_start, okey.head_end, okey.total_heads)
                 wanted = [p for plan in plans for p in self._pieces(okey, plan) if p not in known]
                 if wanted:
                     known.update(zip(wanted, self._remote_has(wanted)))
-                tier = self._cover_where(okey, lambda p: self._local_where(p) or (name if known.get(p) else None))
+                tier = self._cover_where(okey, lambda p: self._local_where(p) or known.get(p))
                 if tier is not None:  # the same split most likely serves the rest: ask for it in one go
                     ahead = [p for later, f in zip(rest[n + 1 :], exact[n + 1 :]) if not f
                              for plan in plans[:1] for p in self._pieces(later, plan) if p not in known]
@@ -217,7 +232,7 @@ class TierStack:
         for plan in cover_plans(okey.head_start, okey.head_end, okey.total_heads):
             tiers = [where(p) for p in self._pieces(okey, plan)]
             if all(tiers):
-                return max(tiers, key=lambda t: _TIER_RANK.get(t or "", 2))
+                return max(tiers, key=lambda t: self._rank.get(t or "", len(self._rank)))
         return None
 
     def reserve_many(self, items: Sequence[tuple[ObjectKey, int]]) -> list[ReserveAnswer]:
@@ -314,7 +329,7 @@ class TierStack:
         a, b = okey.head_start, okey.head_end
         for plan in cover_plans(a, b, okey.total_heads):
             pieces = self._pieces(okey, plan)
-            if not all(self._local_where(p) or (self.remote is not None and self.remote.contains(p)) for p in pieces):
+            if not all(self._local_where(p) or any(t.contains(p) for t in self.remotes) for p in pieces):
                 continue
             target: list[tuple[ChunkHeader, MemoryObj]] = []
 
@@ -433,6 +448,21 @@ class TierStack:
         for tier in self.lower:
             tier.close()
         self.cpu.clear()
+
+
+def open_remote(url: str, config: LMCacheConfig, registry: "Registry") -> StorageTier:
+    """The remote tier for one URL, by its scheme's registered plugin (checked against the protocol)."""
+    scheme = url.split("://", 1)[0].lower()
+    spec = registry.tiers.get(scheme)
+    if spec is None:
+        raise ValueError(f"remote_url '{url}': no storage tier handles '{scheme}://'; "
+                         f"registered schemes: {', '.join(sorted(registry.tiers))}")
+    tier = spec.factory(url, config)
+    if not isinstance(tier, StorageTier):
+        missing = [m for m in ("name", "stats", "contains", "load", "put", "remove", "close") if not hasattr(tier, m)]
+        raise ValueError(f"the storage tier plugin for '{scheme}://' returned a {type(tier).__name__} without "
+                         f"{', '.join(missing)}: it must implement lmcache.core.hookspecs.StorageTier")
+    return tier
 
 
 def _open(request: StoreRequest) -> TierStack:

@@ -1,4 +1,5 @@
-"""Asynchronous write-back to one lower tier: a bounded queue and one worker thread.
+"""Asynchronous write-back to one lower tier: a bounded queue and its worker thread(s) (several for a tier
+with ``ParallelWrites``, an object store whose throughput comes from objects in flight).
 
 The engine never waits on a lower tier: when the queue is full the chunk is dropped and counted. A
 queued chunk holds a reference on its CPU memory, so it is neither freed nor overwritten before the
@@ -23,7 +24,7 @@ _STOP = object()
 
 
 class WriteBack:
-    def __init__(self, tier: Any, max_queued: int, max_bytes: int) -> None:
+    def __init__(self, tier: Any, max_queued: int, max_bytes: int, workers: int = 1) -> None:
         self.tier = tier
         self.max_bytes = max_bytes
         self._queued_bytes = 0
@@ -31,8 +32,10 @@ class WriteBack:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queued)  # CpuEntry, or the stop marker
         self._pending: set[ObjectKey] = set()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"lmcache-writeback-{tier.name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"lmcache-writeback-{tier.name}-{n}", daemon=True)
+                         for n in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
 
     def offer(self, entry: CpuEntry) -> bool:
         """Queue a CPU entry for writing; False (and counted) when the queue is full."""
@@ -89,5 +92,7 @@ class WriteBack:
 
     def close(self) -> None:
         self.flush()
-        self._queue.put(_STOP)
-        self._thread.join(timeout=10)
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for t in self._threads:
+            t.join(timeout=10)
