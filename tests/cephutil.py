@@ -99,14 +99,20 @@ mon_data = {d}/mon/ceph-$id
 osd_data = {d}/osd/ceph-$id
 osd_objectstore = bluestore
 bluestore_block_create = true
-bluestore_block_size = 10G
+bluestore_block_size = 20G
 bluestore_cache_size = 134217728
 osd_memory_target = 536870912
+# a killed radosgw leaves its cache-notify watches behind; the next bucket creation waits for them to time out
+# (30 s by default): the tests kill the gateway on purpose
+osd_client_watch_timeout = 3
 [client.rgw.test]
 rgw_frontends = beast endpoint=127.0.0.1:{self.rgw_port}
 rgw_data = {d}/rgw
 ms_mon_client_mode = crc
 auth_client_required = none
+# deleted objects' space comes back within seconds, not after the default two hours (benchmarks write GBs)
+rgw_gc_obj_min_wait = 5
+rgw_gc_processor_period = 5
 """)
 
     def _run(self, *args: str, timeout: float = 60) -> str:

@@ -57,3 +57,18 @@ def test_prefetch_pulls_lower_tier_hits_into_cpu(tmp_path):
     assert e.prefetch(toks + prompt(16, 9)).result(timeout=30) == 80  # stops at the first miss
     assert e.lookup_tiers(toks) == ["cpu"] * 5
     assert retrieved_exactly(e, toks, kv, slots) == 80
+
+
+def test_a_run_of_remote_chunks_is_read_side_by_side_and_a_gap_ends_the_prefix(redis_server):
+    """Chunks on a remote tier only are read several at a time; one missing in the middle ends the prefix
+    there, and what was read past it is neither loaded nor left pinned in the pool."""
+    e = engine(remote_url=redis_server.url)
+    toks = prompt(96)
+    kv, slots = store(e, toks)
+    e.flush()
+    fresh = engine(remote_url=redis_server.url)
+    assert fresh.stack.remote.remove(fresh.object_key(fresh.hasher().keys(toks)[3]))
+    assert retrieved_exactly(fresh, toks, kv, slots) == 48
+    assert fresh.stack.remote.stats.hits == 5  # chunks 4 and 5 were read in the same run as 0-2
+    fresh.clear()
+    assert fresh.stack.cpu.pool.used_bytes == 0

@@ -17,7 +17,7 @@ from lmcache.core.geometry import MODEL_SHAPES, model_shape
 from lmcache.core.hookspecs import ParallelWrites
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool
-from lmcache.core.tiers.stack import READ_THREADS
+from lmcache.core.tiers.stack import READ_THREADS, REMOTE_READS
 
 
 def add_parser(bsub: argparse._SubParsersAction) -> None:
@@ -54,7 +54,7 @@ def cmd_tier(args: argparse.Namespace) -> int:
     header = header_for(g, b"B" * 16, b"\0" * 16, args.chunk_tokens, 0, g.num_kv_heads)
     nbytes = header.payload_nbytes
     # source, raw-read destination, one tier-read destination per reader thread; pre-faulted as the CPU tier's pool
-    pool = HostMemoryPool((nbytes + 8192) * (2 + READ_THREADS))
+    pool = HostMemoryPool((nbytes + 8192) * (2 + max(READ_THREADS, REMOTE_READS)))
     if cfg.prefault_cpu_memory:
         pool.buffer.zero_()
     src = pool.allocate(nbytes)
@@ -122,8 +122,8 @@ def cmd_tier(args: argparse.Namespace) -> int:
         if not all(writers.map(lambda kb: tier.put(kb[0], *kb[1]), zip(keys, sealed))):
             raise RuntimeError(f"the {args.tier} tier dropped benchmark objects (see the log above)")
 
-    # as the stack reads a run of chunks from disk: several reads in flight (one at a time for the remote tier)
-    readers = ThreadPoolExecutor(READ_THREADS if args.tier == "disk" else 1)
+    # as the stack reads a run of chunks: several reads in flight (REMOTE_READS for a remote tier)
+    readers = ThreadPoolExecutor(READ_THREADS if args.tier == "disk" else REMOTE_READS)
 
     def read_one(k: ObjectKey) -> None:
         got = tier.load(k, pool.allocate)

@@ -91,6 +91,9 @@ def hint_for(e: BaseException, endpoint: str) -> str:
         return "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
     if isinstance(e, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
         return f"nothing answers at {endpoint}: start the object store, or fix s3_endpoint_url"
+    if isinstance(e, botocore.exceptions.ReadTimeoutError):
+        return (f"{endpoint} accepted the connection but did not answer within s3_timeout_s: check the store's "
+                "health (full, overloaded), or raise s3_timeout_s")
     return _HINTS.get(error_code(e), "")
 
 
@@ -347,7 +350,7 @@ class S3Tier:
             self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"lmcache doctor write check")
             self.client.delete_object(Bucket=self.bucket, Key=probe)
         except _FAILURES as e:
-            return [("fail", f"{where}: readable, but a test write failed: {error_code(e)}",
+            return [("fail", f"{where}: readable, but a test write failed: {error_code(e)}: {e}",
                      hint_for(e, self.endpoint) or "grant s3:PutObject and s3:DeleteObject on the prefix")]
         return [("ok", f"{where}: reachable, credentials accepted, bucket exists, writable", "")]
 
