@@ -41,10 +41,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def launch_line(python: str, model: str, *sets: str) -> list[str]:
-    """The vLLM command ``lmcache launch-flags vllm`` prints for these config settings (as argv)."""
+def launch_line(python: str, model: str, *sets: str, role: str = "both") -> list[str]:
+    """The vLLM command ``lmcache launch-flags vllm [--role R]`` prints for these config settings (as argv)."""
     out = subprocess.run([python, "-m", "lmcache.cli.main", "launch-flags", "vllm", "--model", model, "--json",
-                          *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=120,
+                          "--role", role, *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=120,
                          env=clean_env(), check=True)
     commands = json.loads(out.stdout)["commands"]
     line = next(c["command"] for c in commands if c["what"].startswith("vLLM with"))

@@ -14,6 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="MODEL", help="model to serve (default: the placeholder MODEL)")
     p.add_argument("--engine", dest="backend", choices=["vllm", "sglang"], default="vllm",
                    help="for dynamo: which engine its workers run")
+    p.add_argument("--role", choices=["both", "prefill", "decode"], default="both",
+                   help="disaggregated prefill: this instance's role (prefill: kv_producer, decode: kv_consumer); "
+                        "both instances need one pool (mode: mp, or a remote_url); vllm only")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_config_flags(p)
     p.set_defaults(func=cmd_launch_flags)
@@ -30,7 +33,10 @@ def cmd_launch_flags(args: argparse.Namespace) -> int:
         raise ValueError(f"no engine adapter named {args.engine!r} with launch flags: choose one of "
                          f"{', '.join(sorted(n for n, s in adapters.items() if s.launch_flags)) or '(none installed)'}")
     config_path = args.config or os.environ.get("LMCACHE_CONFIG_FILE") or None
-    lines = spec.launch_flags(config, args.model, {"config_path": config_path, "engine": args.backend})
+    if args.role != "both" and args.engine != "vllm":
+        raise ValueError(f"--role {args.role} is supported for vllm only (lmcache pd-proxy in front of vLLM instances); "
+                         f"run {args.engine} with --role both")
+    lines = spec.launch_flags(config, args.model, {"config_path": config_path, "engine": args.backend, "role": args.role})
     data = {"engine": args.engine, "mode": config.mode, "commands": [{"what": w, "command": c} for w, c in lines]}
 
     def render(d: dict) -> None:

@@ -108,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.set_defaults(func=lambda args: (cfg.print_help(), 2)[1])  # "lmcache config" alone: its own help
 
     bench.add_parsers(sub)
-    from lmcache.cli import doctor, launch_flags, s3, server
+    from lmcache.cli import doctor, launch_flags, pd_proxy, s3, server
 
     doctor.add_parser(sub)
     launch_flags.add_parser(sub)
+    pd_proxy.add_parser(sub)
     s3.add_parser(sub)
     server.add_parser(sub)
     _mark_own_parsers(parser)

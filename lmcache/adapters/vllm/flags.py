@@ -27,24 +27,32 @@ def extra_config(config: LMCacheConfig, config_path: str | None = None) -> dict:
     return extra
 
 
-def kv_transfer_config(config: LMCacheConfig, config_path: str | None = None) -> dict:
+#: launch-flags --role -> vLLM's kv_role
+KV_ROLE = {"both": "kv_both", "prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+def kv_transfer_config(config: LMCacheConfig, config_path: str | None = None, role: str = "both") -> dict:
     # recompute: a chunk evicted between the scheduler's lookup and the worker's load costs a recompute of
     # those blocks instead of failing the request (vLLM's default policy is "fail")
-    cfg = {"kv_connector": "LMCacheConnector", "kv_connector_module_path": "lmcache.adapters.vllm", "kv_role": "kv_both",
-           "kv_load_failure_policy": "recompute"}
+    cfg = {"kv_connector": "LMCacheConnector", "kv_connector_module_path": "lmcache.adapters.vllm",
+           "kv_role": KV_ROLE[role], "kv_load_failure_policy": "recompute"}
     extra = extra_config(config, config_path)
     if extra:
         cfg["kv_connector_extra_config"] = extra
     return cfg
 
 
-def vllm_args(config: LMCacheConfig, config_path: str | None = None, block_size: int | None = None) -> list[str]:
+def vllm_args(config: LMCacheConfig, config_path: str | None = None, block_size: int | None = None,
+              role: str = "both") -> list[str]:
     """The flags (after the model) that enable lmcache in vLLM."""
     bs = block_size or VLLM_DEFAULT_BLOCK_SIZE
     if config.chunk_size % bs:
         raise ConfigError(f"chunk_size {config.chunk_size} is not a multiple of vLLM's block size {bs}: set chunk_size "
                           f"to a multiple of {bs} (e.g. {max(1, config.chunk_size // bs) * bs})")
-    args = ["--kv-transfer-config", json.dumps(kv_transfer_config(config, config_path), separators=(",", ":"))]
+    if role != "both" and config.mode != "mp" and not config.remote_url:
+        raise ConfigError(f"--role {role}: the prefill and decode instances need one pool both reach: set mode=mp "
+                          "(one 'lmcache server' on this host) or remote_url (Redis/Valkey across hosts)")
+    args = ["--kv-transfer-config", json.dumps(kv_transfer_config(config, config_path, role), separators=(",", ":"))]
     if block_size:
         args += ["--block-size", str(block_size)]
     return args
@@ -61,8 +69,9 @@ def serve_prefix(model: str) -> list[str]:
     return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", model]
 
 
-def vllm_command(config: LMCacheConfig, model: str, config_path: str | None = None, block_size: int | None = None) -> str:
-    return shlex.join([*serve_prefix(model), *vllm_args(config, config_path, block_size)])
+def vllm_command(config: LMCacheConfig, model: str, config_path: str | None = None, block_size: int | None = None,
+                 role: str = "both") -> str:
+    return shlex.join([*serve_prefix(model), *vllm_args(config, config_path, block_size, role)])
 
 
 def launch_lines(config: LMCacheConfig, model: str, options: dict) -> list[tuple[str, str]]:
@@ -70,6 +79,15 @@ def launch_lines(config: LMCacheConfig, model: str, options: dict) -> list[tuple
     lines = []
     if config.mode == "mp":
         lines.append(server_line(config, options.get("config_path")))
+    role = options.get("role") or "both"
+    if role != "both":
+        port = {"prefill": 8100, "decode": 8200}[role]
+        lines.append((f"vLLM with the lmcache connector, {role} instance ({KV_ROLE[role]})",
+                      f"{vllm_command(config, model, options.get('config_path'), role=role)} --port {port}"))
+        lines.append(("then, with the prefill and decode instances up, the proxy clients talk to (repeat --prefill and "
+                      "--decode for more instances)",
+                      "lmcache pd-proxy --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 --port 8000"))
+        return lines
     lines.append(("vLLM with the lmcache connector", vllm_command(config, model, options.get("config_path"))))
     if config.mode == "mp" and config.server_url.endswith(":5555"):
         lines.append(("or vLLM's stock flag (mp mode, server at port 5555)",

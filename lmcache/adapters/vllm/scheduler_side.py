@@ -91,6 +91,11 @@ class SchedulerSide:
         # vLLM must compute at least the last token itself, to sample from its logits
         limit = min(len(keys), (request.num_tokens - 1) // self.cs)
         cached = self._lookup(keys[:limit]) * self.cs if limit > 0 else 0
+        if not self.save_enabled and cached < limit * self.cs and num_computed_tokens < limit * self.cs:
+            # a decode instance (kv_consumer) expects the prefill instance's KV: say when it is not there
+            log.info("lmcache: %s: %d of %d prompt tokens found in the pool (the prefill's KV was evicted, or the "
+                     "pool restarted); vLLM computes the other %d here", request.request_id, cached,
+                     request.num_tokens, request.num_tokens - max(cached, num_computed_tokens))
         self._last_match[request.request_id] = (num_computed_tokens, cached)
         extra = cached - num_computed_tokens
         return (extra, False) if extra > 0 else (0, False)

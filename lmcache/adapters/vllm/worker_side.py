@@ -72,8 +72,11 @@ class WorkerSide:
     lists, which eviction listeners fill from other threads.
     """
 
-    def __init__(self, config: LMCacheConfig, view: ModelView, tp_rank: int) -> None:
+    def __init__(self, config: LMCacheConfig, view: ModelView, tp_rank: int, durable: bool = False) -> None:
         self.config = config
+        #: a prefill instance (kv_producer): a request's chunks must have reached every tier (the remote one the
+        #: decode instances read) before its answer leaves, so saves wait for the write-back queues
+        self.durable = durable
         self.view = view
         self.tp_rank = tp_rank
         self.head_range = view.head_range(tp_rank)
@@ -178,6 +181,8 @@ class WorkerSide:
                              plan.req_id, result.stored_tokens, result.stored_chunks, result.existing_chunks,
                              result.dropped_chunks, (time.perf_counter() - t0) * 1e3)
                 stored = result.stored_indices
+                if self.durable and result.stored_chunks:
+                    self._engine().flush()
             else:
                 stored = list(range(plan.save_first, plan.save_end))  # the saver rank stores these heads
             if plan.block_hashes or plan.router_hashes:

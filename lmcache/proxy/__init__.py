@@ -1,0 +1,1 @@
+"""Front ends that sit before engines (disaggregated prefill)."""
