@@ -225,3 +225,62 @@ def test_bench_says_when_a_figure_is_below_timer_resolution():
     r = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "bench", "transfer", "--model-shape", "tiny",
                         "--tokens", "512"], capture_output=True, text=True, timeout=120)
     assert "below what this timer measures reliably" in r.stdout and " GiB" not in r.stdout + r.stderr
+
+
+def test_pd_proxy_refuses_bad_urls_and_one_instance_in_both_roles():
+    r = run("pd-proxy", "--prefill", "localhost:8100", "--decode", "http://127.0.0.1:8200")
+    assert r.returncode == 2 and "expected an instance's base URL such as http://127.0.0.1:8100" in r.stderr
+    r = run("pd-proxy", "--prefill", "http://127.0.0.1:8100", "--decode", "http://127.0.0.1:8100")
+    assert r.returncode == 2 and "both --prefill and --decode" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = run("pd-proxy", "--decode", "http://127.0.0.1:8200")
+    assert r.returncode == 2 and "--prefill" in r.stderr
+
+
+def test_pd_proxy_answers_503_naming_the_kind_when_no_instance_is_up():
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = free()
+    proc = subprocess.Popen([sys.executable, "-m", "lmcache.cli.main", "pd-proxy", "--prefill", f"http://127.0.0.1:{free()}",
+                             "--decode", f"http://127.0.0.1:{free()}", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "pd-proxy did not start"
+                time.sleep(0.2)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", b'{"prompt": "hi", "max_tokens": 2}',
+                                     {"Content-Type": "application/json"})
+        t0 = time.monotonic()
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("a request with no instance up succeeded")
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read())
+            assert e.code == 503 and body["error"]["message"].startswith("prefill failed")
+        assert time.monotonic() - t0 < 15
+        def status(req) -> tuple[int, bytes]:
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        assert status(f"http://127.0.0.1:{port}/health")[0] == 503  # the failed instances are marked down
+        bad = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", b"not json", {"Content-Type": "application/json"})
+        code, raw = status(bad)
+        assert code == 400 and "not JSON" in json.loads(raw)["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -10,7 +10,8 @@ to the machine:
 - ``chat``: U users, R rounds, the whole history re-sent each round (round 1 cold, later rounds warm);
 - ``unique``: every prompt new, so nothing can hit: lmcache's cost on a miss (the miss overhead).
 
-TTFT is the time to the first streamed token. The hit ratio is read from the lmcache endpoint's vLLM
+TTFT is the time to the first streamed token; with ``--output-tokens`` N > 2, ITL (inter-token latency) is the
+mean gap between the later tokens of the stream. The hit ratio is read from the lmcache endpoint's vLLM
 metrics (external prefix-cache hits / prompt tokens) where it has them.
 """
 
@@ -49,6 +50,8 @@ class Outcome:
     ttft_s: float | None
     prompt_tokens: int | None
     error: str | None = None
+    #: mean gap between streamed tokens after the first (None: fewer than two after it)
+    itl_s: float | None = None
 
 
 @dataclass
@@ -107,12 +110,19 @@ def unique(words: Words, count: int, length: int) -> list[Request]:
     return [Request("unique", "unique", length, f"unique {i}", words.text(length)) for i in range(count)]
 
 
-def first_token_seconds(url: str, model: str, prompt: str, timeout: float) -> tuple[float, int | None]:
+def first_token_seconds(url: str, model: str, prompt: str, timeout: float, output_tokens: int = 2) -> tuple[float, int | None]:
     """TTFT of a streamed completion, and the prompt's token count as the engine reports it."""
+    ttft, tokens, _ = stream_timings(url, model, prompt, timeout, output_tokens)
+    return ttft, tokens
+
+
+def stream_timings(url: str, model: str, prompt: str, timeout: float,
+                   output_tokens: int = 2) -> tuple[float, int | None, float | None]:
+    """(TTFT, prompt tokens as the engine reports them, mean inter-token gap after the first token or None)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}})
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "stream": True,
+                       "ignore_eos": True, "stream_options": {"include_usage": True}})
     t0 = time.perf_counter()
     conn.request("POST", parts.path.rstrip("/") + "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -120,19 +130,23 @@ def first_token_seconds(url: str, model: str, prompt: str, timeout: float) -> tu
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
     ttft = None
     prompt_tokens = None
+    arrivals: list[float] = []
     for raw in resp:
         line = raw.strip()
         if not line.startswith(b"data:") or line == b"data: [DONE]":
             continue
         event = json.loads(line[5:])
-        if ttft is None and event.get("choices") and event["choices"][0].get("text") is not None:
-            ttft = time.perf_counter() - t0
+        if event.get("choices") and event["choices"][0].get("text") is not None:
+            arrivals.append(time.perf_counter() - t0)
+            if ttft is None:
+                ttft = arrivals[0]
         if event.get("usage"):
             prompt_tokens = event["usage"].get("prompt_tokens")
     conn.close()
     if ttft is None:
         raise RuntimeError("the stream ended without a token")
-    return ttft, prompt_tokens
+    itl = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) if len(arrivals) > 2 else None
+    return ttft, prompt_tokens, itl
 
 
 def served_model(url: str) -> str:
@@ -170,7 +184,9 @@ def summarize(rows: list[Row], endpoints: list[str]) -> list[dict]:
             ok = [r.outcomes[ep] for r in members if ep in r.outcomes and r.outcomes[ep].ttft_s is not None]
             ttfts = [o.ttft_s for o in ok]
             tokens = sum(o.prompt_tokens or 0 for o in ok)
+            itls = [o.itl_s for o in ok if o.itl_s is not None]
             entry[ep] = {"ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
+                         "itl_p50_s": percentile(itls, 50),
                          "input_tokens_per_s": tokens / sum(ttfts) if ttfts and sum(ttfts) else None,
                          "errors": sum(1 for r in members if ep in r.outcomes and r.outcomes[ep].error)}
         if "baseline" in endpoints:
@@ -230,10 +246,10 @@ def build_requests(args: argparse.Namespace) -> list[Request]:
     return requests
 
 
-def _send(name: str, url: str, model: str, req: Request, timeout: float) -> Outcome:
+def _send(name: str, url: str, model: str, req: Request, timeout: float, output_tokens: int = 2) -> Outcome:
     try:
-        ttft, tokens = first_token_seconds(url, model, req.prompt, timeout)
-        return Outcome(name, ttft, tokens)
+        ttft, tokens, itl = stream_timings(url, model, req.prompt, timeout, output_tokens)
+        return Outcome(name, ttft, tokens, itl_s=itl)
     except Exception as e:  # one failed request is reported, the run goes on
         return Outcome(name, None, None, f"{type(e).__name__}: {e}")
 
@@ -276,7 +292,7 @@ def run(args: argparse.Namespace, say) -> dict:
                 _warm_up(name, url, model, args, say)
                 before = _hits(url)
                 for i, row in enumerate(rows, 1):
-                    row.outcomes[name] = _send(name, url, model, row.request, args.timeout)
+                    row.outcomes[name] = _send(name, url, model, row.request, args.timeout, args.output_tokens)
                     _progress(say, i, len(rows), row.request, [row.outcomes[name]])
                 if name == "lmcache":
                     hit_ratio = _ratio(before, _hits(url))
@@ -292,16 +308,16 @@ def run(args: argparse.Namespace, say) -> dict:
         requests = build_requests(args)
         for name, url in endpoints.items():
             _warm_up(name, url, model, args, say)
-        before = _hits(args.url)
+        before = _hits(args.metrics_url or args.url)
         for i, req in enumerate(requests, 1):
             row = Row(req)
             # alternate which endpoint goes first so neither always runs on a machine the other just warmed
             order = list(endpoints.items()) if i % 2 else list(reversed(endpoints.items()))
             for name, url in order:
-                row.outcomes[name] = _send(name, url, model, req, args.timeout)
+                row.outcomes[name] = _send(name, url, model, req, args.timeout, args.output_tokens)
             rows.append(row)
             _progress(say, i, len(requests), req, list(row.outcomes.values()))
-        hit_ratio = _ratio(before, _hits(args.url))
+        hit_ratio = _ratio(before, _hits(args.metrics_url or args.url))
     summary = summarize(rows, list(endpoints))
     overhead = next((s["ttft_ratio_median"] - 1 for s in summary if s["workload"] == "unique"
                      and s.get("ttft_ratio_median") is not None), None)
@@ -324,8 +340,9 @@ def render(d: dict) -> None:
 
     eps = list(d["endpoints"])
     cols = ["workload", "phase", "size", "n"]
+    itl = any(e[ep]["itl_p50_s"] is not None for e in d["summary"] for ep in eps)
     for ep in eps:
-        cols += [f"{ep} TTFT p50", f"{ep} p95", f"{ep} in tok/s"]
+        cols += [f"{ep} TTFT p50", f"{ep} p95", f"{ep} in tok/s"] + ([f"{ep} ITL p50"] if itl else [])
     if "baseline" in eps:
         cols.append("lmcache / baseline")
 
@@ -339,6 +356,8 @@ def render(d: dict) -> None:
             m = e[ep]
             r += [s(m["ttft_p50_s"]), s(m["ttft_p95_s"]),
                   "-" if m["input_tokens_per_s"] is None else f"{m['input_tokens_per_s']:,.0f}"]
+            if itl:
+                r.append("-" if m["itl_p50_s"] is None else f"{m['itl_p50_s'] * 1e3:.1f}ms")
         if "baseline" in eps:
             ratio = e.get("ttft_ratio_median")
             r.append("-" if ratio is None else f"{ratio:.3f}x")
@@ -416,6 +435,8 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
                         "compatible endpoints: TTFT with lmcache vs without, hit ratio, miss overhead, plot")
     p.add_argument("--url", help="the engine with lmcache, e.g. http://127.0.0.1:8000")
     p.add_argument("--baseline-url", help="the same engine without lmcache (same model, same flags otherwise)")
+    p.add_argument("--metrics-url", help="where --url's vLLM /metrics are, for the hit ratio (default --url; behind "
+                   "lmcache pd-proxy: the decode instance)")
     p.add_argument("--launch", choices=("tiny",), help="demo: start the tiny CPU model with lmcache, run, then without "
                    "it, run again (needs vLLM in this Python), instead of --url/--baseline-url")
     p.add_argument("--launch-dir", help="with --launch: where to build the model and write the engines' logs")
@@ -434,6 +455,8 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--unique-tokens", type=int, default=4096, help="unique: words per prompt (default 4096)")
     p.add_argument("--vocab-from", help="a model directory whose tokenizer.json vocabulary makes the prompts")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    p.add_argument("--output-tokens", type=int, default=2,
+                   help="tokens generated per request (default 2); more than 2 also measures inter-token latency (ITL)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per endpoint first (default 2)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--plot", default="lmcache-bench-serve.png", help="PNG plot path ('' for none)")
