@@ -405,3 +405,27 @@ def test_bench_tier_s3_prints_figures_next_to_raw_boto3(s3):
     assert "boto3" in d["baseline"]
     assert all(d[k] > 0 for k in ("write_gbps", "raw_write_gbps", "read_gbps", "raw_read_gbps", "write_ratio", "read_ratio"))
     assert s3.keys() == []  # the benchmark leaves nothing behind
+
+
+def test_a_long_prompt_is_looked_up_in_a_few_waves_of_heads_and_a_hole_ends_the_loaded_prefix(s3):
+    e = engine(**s3.overrides())
+    toks = prompt(16 * 60, 21)  # 60 chunks
+    kv, slots = store(e, toks, seed=21)
+    e.flush()
+    fresh = engine(**s3.overrides())
+    heads = []
+    fresh.stack.remote.client.meta.events.register("before-call.s3.HeadObject", lambda **kw: heads.append(1))
+    assert fresh.lookup_tiers(toks) == ["s3"] * 60
+    assert len(heads) <= 2 * 8 + 8  # two probing waves and one exact one, not 60 HEADs
+    keys = fresh.hasher().keys(toks)
+    for k in keys[41:]:  # the prompt's tail is gone (expired): the probes narrow down to where it starts
+        s3.client().delete_object(Bucket=s3.name, Key=fresh.stack.remote.object_name(fresh.object_key(k)))
+    heads.clear()
+    found = fresh.lookup_tiers(toks)
+    assert found == ["s3"] * 41, len(found)
+    assert len(heads) <= 2 * 8 + 8
+    s3.client().delete_object(Bucket=s3.name, Key=fresh.stack.remote.object_name(fresh.object_key(keys[17])))
+    # a hole the probes may step over is found at load time: the loaded prefix ends there, every byte exact
+    assert retrieved_exactly(fresh, toks, kv, slots) == 17 * 16
+    fresh.close()
+    e.close()

@@ -81,6 +81,7 @@ class StorageTier(Protocol):
 
     Optional capabilities, each its own protocol below (a minimal tier need not have them):
     ``BatchLookup.contains_many`` (one round trip for a whole prompt; default: ``contains`` per key),
+    ``PrefixLookup.leading`` (a prompt's cached run found in a few round trips),
     ``RangedLoad.load_heads`` (read a head sub-range of an object for an engine of another TP size; default:
     the whole object is read and sliced), ``Pingable.ping`` (``lmcache doctor`` checks reachability),
     ``Diagnosable.diagnose`` (doctor's finer checks) and ``ParallelWrites.write_workers`` (several write-back
@@ -106,10 +107,19 @@ class StorageTier(Protocol):
 
 @runtime_checkable
 class BatchLookup(Protocol):
-    """A tier that answers many membership questions in one round trip. The stack asks for a prompt's
-    leading run, so a tier may report keys after the first absent one as absent without asking its store."""
+    """A tier that answers many membership questions in one round trip, each exactly."""
 
     def contains_many(self, keys: list["ObjectKey"]) -> list[bool]: ...
+
+
+@runtime_checkable
+class PrefixLookup(Protocol):
+    """A tier that finds how far a prompt's chunks reach faster than by asking for each one (an object store
+    with no batched existence check). The stack asks it only about a prompt's chunks, in order."""
+
+    def leading(self, keys: list["ObjectKey"]) -> int:
+        """How many of ``keys`` (a prompt's chunks, in order) are stored before the first absent one. A tier may
+        take the stored ones to form a prefix; a hole it steps over is found at load time."""
 
 
 #: dest(header of the stored object) -> where its requested heads go (exactly that many bytes), or None: no room

@@ -166,22 +166,42 @@ class S3Tier:
         return self.contains_many([key])[0]
 
     def contains_many(self, keys: list[ObjectKey]) -> list[bool]:
-        """HEADs in waves of ``s3_concurrency``; keys after the wave with the first absent one are reported
-        absent unasked (the stack asks for a prompt's leading run, which ends there)."""
-        found: list[bool] = []
-        if not self.health.usable():
+        """Each key exactly: parallel HEADs (``s3_concurrency`` in flight)."""
+        if not keys or not self.health.usable():
             return [False] * len(keys)
         try:
-            for at in range(0, len(keys), self.concurrency):
-                wave = list(self._pool.map(self._exists, keys[at : at + self.concurrency]))
-                found.extend(wave)
-                if not all(wave):
-                    break
+            found = list(self._pool.map(self._exists, keys))
         except _FAILURES as e:
             self._failed("lookup", e)
             return [False] * len(keys)
         self.health.ok()
-        return found + [False] * (len(keys) - len(found))
+        return found
+
+    def leading(self, keys: list[ObjectKey]) -> int:
+        """How many of a prompt's chunk keys are in the bucket before the first absent one (PrefixLookup), in a
+        few waves of ``s3_concurrency`` parallel HEADs instead of one HEAD per chunk: S3 has no batched
+        existence check, and a 128K-token prompt is hundreds of chunks. Each wave probes evenly spaced keys of
+        the range where the first absent one must be, narrowing it ``s3_concurrency + 1`` times; the last wave
+        checks what is left one by one. The stored chunks are taken to form a prefix (they are written in
+        prompt order); a hole between probes is found when the chunk is loaded, where the loaded prefix ends."""
+        if not keys or not self.health.usable():
+            return 0
+        try:
+            lo, hi = 0, len(keys)  # keys[:lo] are taken as present; the first absent one is in [lo, hi]
+            while hi - lo > self.concurrency:
+                step = (hi - lo) / (self.concurrency + 1)
+                probes = sorted({min(hi - 1, lo + int(step * (i + 1))) for i in range(self.concurrency)})
+                found = list(self._pool.map(self._exists, [keys[p] for p in probes]))
+                miss = next((p for p, f in zip(probes, found) if not f), None)
+                present = [p for p, f in zip(probes, found) if f and (miss is None or p < miss)]
+                lo = present[-1] + 1 if present else lo
+                hi = miss if miss is not None else hi
+            found = list(self._pool.map(self._exists, keys[lo:hi]))
+        except _FAILURES as e:
+            self._failed("lookup", e)
+            return 0
+        self.health.ok()
+        return lo + next((i for i, f in enumerate(found) if not f), len(found))
 
     # -- reads --------------------------------------------------------------------------------------
 

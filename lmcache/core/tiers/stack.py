@@ -18,7 +18,15 @@ import torch
 from lmcache.core.chunk_format import ChunkCorrupt, ChunkHeader, byte_view
 from lmcache.core.config import LMCacheConfig, remote_urls
 from lmcache.core.head_cover import cover_plans
-from lmcache.core.hookspecs import BatchLookup, ParallelWrites, RangedLoad, StorageTier, TierUnavailable, hookimpl
+from lmcache.core.hookspecs import (
+    BatchLookup,
+    ParallelWrites,
+    PrefixLookup,
+    RangedLoad,
+    StorageTier,
+    TierUnavailable,
+    hookimpl,
+)
 from lmcache.core.keys import ObjectKey
 from lmcache.core.memory_pool import HostMemoryPool, MemoryObj
 from lmcache.core.store import (
@@ -73,6 +81,7 @@ class TierStack:
         self._rank = {"cpu": 0, "disk": 1} | {t.name: 2 + n for n, t in enumerate(self.remotes)}
         # decided once: a Protocol isinstance check costs more than the rest of a prompt's lookup
         self._batch: dict[str, BatchLookup] = {t.name: t for t in self.remotes if isinstance(t, BatchLookup)}
+        self._leading: dict[str, PrefixLookup] = {t.name: t for t in self.remotes if isinstance(t, PrefixLookup)}
         self._ranged: dict[str, RangedLoad] = {t.name: t for t in self.lower if isinstance(t, RangedLoad)}
         # write-back may pin at most a quarter of the CPU pool, shared by the lower tiers
         share = self.cpu.pool.capacity // 4 // max(1, len(self.lower))
@@ -186,17 +195,22 @@ class TierStack:
             return "disk"
         return None
 
-    def _remote_has(self, keys: list[ObjectKey]) -> list[str | None]:
+    def _remote_has(self, keys: list[ObjectKey], prefix: bool = False) -> list[str | None]:
         """For each key, the highest remote tier holding it, or None: one batched question per tier, each
-        lower tier asked only about what the ones above it lack."""
+        lower tier asked only about what the ones above it lack. ``prefix``: the keys are a prompt's chunks in
+        order and only their leading run matters (a tier with ``PrefixLookup`` finds it in fewer round trips)."""
         where: list[str | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for tier in self.remotes:
             if not todo:
                 break
-            batch = self._batch.get(tier.name)
+            batch, leading = self._batch.get(tier.name), self._leading.get(tier.name)
             asked = [keys[i] for i in todo]
-            found = batch.contains_many(asked) if batch is not None else [tier.contains(k) for k in asked]
+            if prefix and leading is not None:
+                n = leading.leading(asked)
+                found = [i < n for i in range(len(asked))]
+            else:
+                found = batch.contains_many(asked) if batch is not None else [tier.contains(k) for k in asked]
             for i, f in zip(todo, found):
                 if f:
                     where[i] = tier.name
@@ -207,7 +221,7 @@ class TierStack:
         """The cached prefix of ``rest`` (the first key missed the local tiers) with the remote tiers: exact
         objects in one round trip per tier; a chunk only other TP sizes stored costs one more for its candidate
         shards, and the shards that served it are asked for the rest of the prompt in one round trip."""
-        exact = self._remote_has(rest)
+        exact = self._remote_has(rest, prefix=True)
         known: dict[ObjectKey, str | None] = {}
         where: list[str] = []
         for n, (okey, found) in enumerate(zip(rest, exact)):
