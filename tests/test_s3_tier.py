@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -428,4 +429,32 @@ def test_a_long_prompt_is_looked_up_in_a_few_waves_of_heads_and_a_hole_ends_the_
     # a hole the probes may step over is found at load time: the loaded prefix ends there, every byte exact
     assert retrieved_exactly(fresh, toks, kv, slots) == 17 * 16
     fresh.close()
+    e.close()
+
+
+def test_a_hung_gateway_costs_the_engine_one_timeout_per_quiet_period_not_every_request(s3):
+    """radosgw stopped (SIGSTOP): connections are accepted and nothing answers. Lookups and stores must not each
+    wait out the timeout: the tier goes quiet, and backs off further while the store stays hung."""
+    e = engine(**s3.overrides(s3_timeout_s=1))
+    e.stack.remote.health.retry_interval_s = 0.3
+    rgw = s3.ceph.procs["rgw"]
+    os.killpg(rgw.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        for i in range(40):
+            e.lookup(prompt(48, 100 + i))
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        # 40 lookups over ~2 s of sleeping: waiting out the 1 s timeout on each would take 42 s; only the retries
+        # after each (doubling) quiet period wait, a handful of them
+        assert 1 <= e.stack.remote.stats.errors <= 8 and elapsed < 15, (e.stack.remote.stats.errors, elapsed)
+    finally:
+        os.killpg(rgw.pid, signal.SIGCONT)
+    # back: once the quiet period is over, new chunks reach the bucket again (no restart, no exception)
+    wait_for(e.stack.remote.health.usable, timeout=35, step=0.2)
+    toks2 = prompt(32, 24)
+    kv2, slots2 = store(e, toks2, seed=24)
+    e.flush()
+    wait_for(lambda: e.stack.remote.contains(e.object_key(e.hasher().keys(toks2)[1])), timeout=10)
+    assert retrieved_exactly(engine(**s3.overrides()), toks2, kv2, slots2) == 32
     e.close()

@@ -2,8 +2,10 @@
 
 A store that is down, unreachable or slow must not hold the engine: the first failure starts a quiet period
 (``retry_interval_s``) in which lookups miss and stores drop without touching the network; the next call after
-it tries again, so the tier reconnects by itself when the store is back. One log line when it goes away and one
-when it comes back, never one per request.
+it tries again, so the tier reconnects by itself when the store is back. Each failure in a row doubles the quiet
+period, up to ``MAX_QUIET_S``: a store that hangs (connections accepted, nothing answered) costs the engine one
+timeout per quiet period, so a fixed period would leave it waiting most of the time. One log line when it
+goes away and one when it comes back, never one per request.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import time
 from lmcache.core.tiers.stats import TierStats
 
 log = logging.getLogger("lmcache")
+#: the longest quiet period after failures in a row, in seconds
+MAX_QUIET_S = 30.0
 
 
 class RemoteHealth:
@@ -25,6 +29,7 @@ class RemoteHealth:
         self.retry_interval_s = retry_interval_s
         self._down_until = 0.0
         self._down_logged = False
+        self._in_a_row = 0
         self._lock = threading.Lock()
 
     def usable(self) -> bool:
@@ -33,14 +38,19 @@ class RemoteHealth:
     def failed(self, what: str, e: Exception, hint: str = "") -> None:
         self.stats.errors += 1
         with self._lock:
-            self._down_until = time.monotonic() + self.retry_interval_s
+            now = time.monotonic()
+            if now >= self._down_until:  # not a call that was already under way when the quiet period began
+                quiet = min(MAX_QUIET_S, self.retry_interval_s * 2 ** min(self._in_a_row, 16))
+                self._in_a_row += 1
+                self._down_until = now + quiet
             if not self._down_logged:
                 self._down_logged = True
                 log.warning("lmcache remote tier %s: %s failed (%s: %s)%s; lookups miss and stores drop until it "
-                            "answers again (retrying every %.1fs)", self.label, what, type(e).__name__, e,
+                            "answers again (retrying after %.1fs, then less often while it fails)", self.label, what, type(e).__name__, e,
                             f"; {hint}" if hint else "", self.retry_interval_s)
 
     def ok(self) -> None:
+        self._in_a_row = 0
         if self._down_logged:
             with self._lock:
                 if self._down_logged:
