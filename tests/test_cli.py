@@ -284,3 +284,17 @@ def test_pd_proxy_answers_503_naming_the_kind_when_no_instance_is_up():
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_launch_flags_roles_print_prefill_decode_and_proxy_lines_and_need_a_shared_pool():
+    r = run("launch-flags", "vllm", "--role", "decode")
+    assert r.returncode == 2 and "mode=mp" in r.stderr and "remote_url" in r.stderr
+    r = run("launch-flags", "vllm", "--role", "pd", "--set", "mode=mp", "--model", "M", "--json")
+    assert r.returncode == 0, r.stderr
+    commands = [c["command"] for c in json.loads(r.stdout)["commands"]]
+    roles = [json.loads(c.split("--kv-transfer-config ")[1].split(" --port")[0].strip("'"))["kv_role"]
+             for c in commands if "--kv-transfer-config" in c]
+    assert roles == ["kv_producer", "kv_consumer"]
+    assert commands[0].startswith("lmcache server") and commands[-1].startswith("lmcache pd-proxy --prefill http://127.0.0.1:8100")
+    r = run("launch-flags", "sglang", "--role", "prefill", "--set", "mode=mp")
+    assert r.returncode == 2 and "vllm only" in r.stderr

@@ -5,7 +5,6 @@ started with the lines ``lmcache launch-flags vllm --role ...`` prints, one ``lm
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -189,37 +188,3 @@ def prefill_tokens(instance: VllmServer, prompt: str) -> list[int]:
                                  json.dumps({"model": instance.model, "prompt": prompt}).encode(),
                                  {"Content-Type": "application/json"})
     return json.loads(urllib.request.urlopen(req, timeout=30).read())["tokens"]
-
-
-def test_launch_flags_refuse_a_role_without_a_shared_pool():
-    r = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "launch-flags", "vllm", "--role", "decode"],
-                       capture_output=True, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")},
-                       timeout=60)
-    assert r.returncode == 2 and "mode=mp" in r.stderr and "remote_url" in r.stderr
-
-
-def test_across_hosts_the_hand_over_goes_through_redis(model, tmp_path, redis_server):
-    """No lmcache server: each instance keeps its own in-process pool and both share a real redis-server; the
-    prefill instance answers only once its chunks are written to Redis, so the decode instance finds them."""
-    sets = (f"chunk_size={CHUNK}", f"remote_url={redis_server.url}", "remote_timeout_s=5")
-    prefill = VllmServer(launch_line(PYTHON, model, *sets, role="prefill"), free_port(), tmp_path / "prefill.log")
-    decode = VllmServer(launch_line(PYTHON, model, *sets, role="decode"), free_port(), tmp_path / "decode.log")
-    proxy = None
-    try:
-        prefill.start()
-        decode.start()
-        prefill.wait_ready()
-        decode.wait_ready()
-        proxy = Proxy([f"http://127.0.0.1:{prefill.port}"], [f"http://127.0.0.1:{decode.port}"])
-        prompts = [words(model, n, seed) for n, seed in ((3 * CHUNK + 20, 11), (2 * CHUNK + 60, 12))]
-        served = [proxy.complete(model, p, max_tokens=6) for p in prompts]
-        expected = sum((len(prefill_tokens(prefill, p)) - 1) // CHUNK * CHUNK for p in prompts)
-        assert decode.metric(HITS) == expected and prefill.metric(HITS) == 0
-        assert len(redis_server.client().keys("lmc:*:h")) == expected // CHUNK
-        for p, got in zip(prompts, served):
-            assert same_answer(prefill.complete(p, max_tokens=6), got)
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        prefill.stop()
-        decode.stop()

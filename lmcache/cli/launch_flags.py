@@ -14,9 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="MODEL", help="model to serve (default: the placeholder MODEL)")
     p.add_argument("--engine", dest="backend", choices=["vllm", "sglang"], default="vllm",
                    help="for dynamo: which engine its workers run")
-    p.add_argument("--role", choices=["both", "prefill", "decode"], default="both",
-                   help="disaggregated prefill: this instance's role (prefill: kv_producer, decode: kv_consumer); "
-                        "both instances need one pool (mode: mp, or a remote_url); vllm only")
+    p.add_argument("--role", choices=["both", "prefill", "decode", "pd"], default="both",
+                   help="disaggregated prefill: this instance's role (prefill: kv_producer, decode: kv_consumer; pd: "
+                        "both lines and the proxy); the instances need one pool (mode: mp, or a remote_url); vllm only")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_config_flags(p)
     p.set_defaults(func=cmd_launch_flags)

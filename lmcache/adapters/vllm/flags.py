@@ -49,7 +49,7 @@ def vllm_args(config: LMCacheConfig, config_path: str | None = None, block_size:
     if config.chunk_size % bs:
         raise ConfigError(f"chunk_size {config.chunk_size} is not a multiple of vLLM's block size {bs}: set chunk_size "
                           f"to a multiple of {bs} (e.g. {max(1, config.chunk_size // bs) * bs})")
-    if role != "both" and config.mode != "mp" and not config.remote_url:
+    if role not in ("both", "pd") and config.mode != "mp" and not config.remote_url:
         raise ConfigError(f"--role {role}: the prefill and decode instances need one pool both reach: set mode=mp "
                           "(one 'lmcache server' on this host) or remote_url (Redis/Valkey across hosts)")
     args = ["--kv-transfer-config", json.dumps(kv_transfer_config(config, config_path, role), separators=(",", ":"))]
@@ -81,9 +81,10 @@ def launch_lines(config: LMCacheConfig, model: str, options: dict) -> list[tuple
         lines.append(server_line(config, options.get("config_path")))
     role = options.get("role") or "both"
     if role != "both":
-        port = {"prefill": 8100, "decode": 8200}[role]
-        lines.append((f"vLLM with the lmcache connector, {role} instance ({KV_ROLE[role]})",
-                      f"{vllm_command(config, model, options.get('config_path'), role=role)} --port {port}"))
+        for r in ("prefill", "decode") if role == "pd" else (role,):
+            port = {"prefill": 8100, "decode": 8200}[r]
+            lines.append((f"vLLM with the lmcache connector, {r} instance ({KV_ROLE[r]})",
+                          f"{vllm_command(config, model, options.get('config_path'), role=r)} --port {port}"))
         lines.append(("then, with the prefill and decode instances up, the proxy clients talk to (repeat --prefill and "
                       "--decode for more instances)",
                       "lmcache pd-proxy --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 --port 8000"))
