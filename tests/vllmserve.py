@@ -126,3 +126,16 @@ def same_answer(a: dict, b: dict, tol: float = 1e-3) -> bool:
     """Identical tokens and logprobs within ``tol`` (fp32: a loaded prefix and a recomputed one differ only
     in reduction order)."""
     return a["tokens"] == b["tokens"] and all(abs(x - y) <= tol for x, y in zip(a["logprobs"], b["logprobs"]))
+
+
+def build_tiny_model(python: str, path) -> str:
+    """The tiny Llama (lmcache.demo.tiny_model) built with ``python`` into ``path``; its directory."""
+    subprocess.run([python, "-m", "lmcache.demo.tiny_model", str(path)], check=True, capture_output=True, timeout=300)
+    return str(path)
+
+
+def words(model: str, n: int, seed: int) -> str:
+    """A prompt of ``n`` words of the model's vocabulary (one token each)."""
+    from lmcache.demo.tiny_model import words as make
+
+    return make(model, n, seed)

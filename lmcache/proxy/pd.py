@@ -22,12 +22,13 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import aiohttp
 from aiohttp import web
 
 log = logging.getLogger("lmcache.pd_proxy")
+T = TypeVar("T")
 #: statuses of an instance that say "try another one" (the request itself is not at fault)
 _RETRYABLE = {502, 503, 504}
 
@@ -172,66 +173,68 @@ class PDProxy:
         except NoInstance as e:
             return _error(503, f"decode failed: {e}")
 
+    async def _each(self, pool: Pool, attempt: Callable[[Instance], Awaitable[T]]) -> T:
+        """``attempt`` on the pool's instances in turn until one does not fail as an instance (refused, reset,
+        timed out, 5xx); those it failed on are marked down. NoInstance, naming each failure, when none is left;
+        a client fault (4xx) goes straight back to the caller."""
+        errors = []
+        for inst in pool.order():
+            inst.in_flight += 1
+            try:
+                result = await attempt(inst)
+                inst.served += 1
+                return result
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, _InstanceFault) as e:
+                why = f"{type(e).__name__}: {e}"
+                errors.append(f"{inst.url}: {why}")
+                self._down(inst, why)
+            finally:
+                inst.in_flight -= 1
+        raise NoInstance("; ".join(errors) or "no instance configured")
+
     async def _prefill(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> None:
         one = dict(body, max_tokens=1, stream=False)
         one.pop("stream_options", None)
         if "max_completion_tokens" in one:
             one["max_completion_tokens"] = 1
-        errors = []
-        for inst in self.prefill.order():
-            inst.in_flight += 1
-            try:
-                async with self.session.post(f"{inst.url}{path}", json=one, headers=headers,
-                                             timeout=aiohttp.ClientTimeout(total=self.prefill_timeout_s,
-                                                                           sock_connect=self.connect_timeout_s)) as r:
-                    data = await r.read()
-                    if r.status in _RETRYABLE or r.status >= 500:
-                        raise _InstanceFault(f"HTTP {r.status}: {data[:200]!r}")
-                    if r.status != 200:
-                        raise _ClientFault(r.status, data)
-                inst.served += 1
-                return
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, _InstanceFault) as e:
-                why = f"{type(e).__name__}: {e}"
-                errors.append(f"{inst.url}: {why}")
-                self._down(inst, why)
-            finally:
-                inst.in_flight -= 1
-        raise NoInstance("; ".join(errors) or "no prefill instance configured")
+        if "n" in one:
+            one["n"] = 1  # the KV of the prompt is the same for every choice
+        timeout = aiohttp.ClientTimeout(total=self.prefill_timeout_s, sock_connect=self.connect_timeout_s)
+
+        async def attempt(inst: Instance) -> None:
+            async with self.session.post(f"{inst.url}{path}", json=one, headers=headers, timeout=timeout) as r:
+                data = await r.read()
+                if r.status in _RETRYABLE or r.status >= 500:
+                    raise _InstanceFault(f"HTTP {r.status}: {data[:200]!r}")
+                if r.status != 200:
+                    raise _ClientFault(r.status, data)
+
+        await self._each(self.prefill, attempt)
 
     async def _decode(self, request: web.Request, path: str, body: dict[str, Any],
                       headers: dict[str, str]) -> web.StreamResponse:
-        errors = []
-        for inst in self.decode.order():
-            inst.in_flight += 1
-            try:
-                async with self.session.post(f"{inst.url}{path}", json=body, headers=headers) as r:
-                    if r.status in _RETRYABLE or r.status >= 500:
-                        raise _InstanceFault(f"HTTP {r.status}: {(await r.read())[:200]!r}")
-                    if not body.get("stream"):
-                        inst.served += 1
-                        return web.Response(body=await r.read(), status=r.status,
-                                            content_type=r.content_type or "application/json")
-                    out = web.StreamResponse(status=r.status, headers={"Content-Type": r.headers.get(
-                        "Content-Type", "text/event-stream"), "Cache-Control": "no-cache", "X-Request-Id": headers["X-Request-Id"]})
-                    await out.prepare(request)
-                    try:  # from the first byte on, the client has this instance's answer: no retry elsewhere
-                        async for piece in r.content.iter_any():
-                            await out.write(piece)
-                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                        self._down(inst, f"stream broke: {type(e).__name__}: {e}")
-                        await out.write(b'data: {"error": {"message": "the decode instance went away mid-stream", '
-                                        b'"type": "service_unavailable"}}\n\n')
-                    await out.write_eof()
-                    inst.served += 1
-                    return out
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, _InstanceFault) as e:
-                why = f"{type(e).__name__}: {e}"
-                errors.append(f"{inst.url}: {why}")
-                self._down(inst, why)
-            finally:
-                inst.in_flight -= 1
-        raise NoInstance("; ".join(errors) or "no decode instance configured")
+        async def attempt(inst: Instance) -> web.StreamResponse:
+            async with self.session.post(f"{inst.url}{path}", json=body, headers=headers) as r:
+                if r.status in _RETRYABLE or r.status >= 500:
+                    raise _InstanceFault(f"HTTP {r.status}: {(await r.read())[:200]!r}")
+                if not body.get("stream"):
+                    return web.Response(body=await r.read(), status=r.status,
+                                        content_type=r.content_type or "application/json")
+                out = web.StreamResponse(status=r.status, headers={
+                    "Content-Type": r.headers.get("Content-Type", "text/event-stream"), "Cache-Control": "no-cache",
+                    "X-Request-Id": headers["X-Request-Id"]})
+                await out.prepare(request)
+                try:  # from the first byte on, the client has this instance's answer: no retry elsewhere
+                    async for piece in r.content.iter_any():
+                        await out.write(piece)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                    self._down(inst, f"stream broke: {type(e).__name__}: {e}")
+                    await out.write(b'data: {"error": {"message": "the decode instance went away mid-stream", '
+                                    b'"type": "service_unavailable"}}\n\n')
+                await out.write_eof()
+                return out
+
+        return await self._each(self.decode, attempt)
 
 
 class _InstanceFault(Exception):
