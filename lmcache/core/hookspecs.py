@@ -77,7 +77,8 @@ class TierUnavailable(RuntimeError):
 class StorageTier(Protocol):
     """A tier below the CPU tier. It stores objects in the canonical chunk format
     (``lmcache.core.chunk_format``) and verifies them on every read: a bad object is a miss. Calls come
-    from the engine's thread and from one write-back thread per tier, so a tier must be thread-safe.
+    from the engine's thread, the stack's reader threads and the tier's write-back thread(s), so a tier must
+    be thread-safe.
 
     Optional capabilities, each its own protocol below (a minimal tier need not have them):
     ``BatchLookup.contains_many`` (one round trip for a whole prompt; default: ``contains`` per key),

@@ -61,7 +61,7 @@ class TierStack:
     chunk); memory with a reader's reference is never evicted or reused; a chunk leaving the CPU tier is
     offered to the disk tier first. Lock rules: the CPU tier's lock covers its index and eviction, so
     ``eviction_listeners`` run under it (they must be quick and must not call back into the stack); lower
-    tiers are written by one write-back thread each and must be thread-safe themselves.
+    tiers are written by their write-back thread(s) (several for a ParallelWrites tier) and must be thread-safe.
     """
 
     def __init__(self, config: LMCacheConfig, buffer: torch.Tensor, pinned: bool, registry: "Registry") -> None:
