@@ -63,8 +63,8 @@ IGNORED: dict[str, str] = {
     **{k: "non-prefix reuse (CacheBlend) is not supported yet" for k in (
         "enable_blending", "blend_special_str", "blend_recompute_ratio", "blend_recompute_ratios", "blend_thresholds",
         "blend_check_layers", "blend_min_tokens")},
-    **{k: "disaggregated prefill is not supported yet: share one lmcache server or remote tier between prefill and "
-          "decode engines" for k in (
+    **{k: "disaggregated prefill goes through the pool here, not a NIXL channel: start the instances with "
+          "'lmcache launch-flags vllm --role pd' (kv_producer / kv_consumer) and put 'lmcache pd-proxy' in front" for k in (
         "enable_pd", "pd_role", "pd_buffer_size", "pd_buffer_device", "pd_peer_host", "pd_peer_init_port",
         "pd_peer_alloc_port", "pd_proxy_host", "pd_proxy_port", "nixl_buffer_size", "nixl_buffer_device",
         "transfer_channel")},
