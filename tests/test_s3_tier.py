@@ -277,6 +277,7 @@ def _doctor(env_extra: dict[str, str]) -> dict:
     ("access", "InvalidAccessKeyId", "AWS_ACCESS_KEY_ID"),
     ("bucket", "NoSuchBucket", "create it"),
     ("endpoint", "EndpointConnectionError", "s3_endpoint_url"),
+    ("nocredentials", "NoCredentialsError", "AWS_PROFILE"),
 ])
 def test_doctor_checks_endpoint_credentials_bucket_and_write_permission(s3, fault, found, fix):
     env = dict(s3.ceph.env()) | {"LMCACHE_REMOTE_URL": s3.url, "LMCACHE_S3_ENDPOINT_URL": s3.ceph.endpoint,
@@ -289,6 +290,9 @@ def test_doctor_checks_endpoint_credentials_bucket_and_write_permission(s3, faul
         env["LMCACHE_REMOTE_URL"] = "s3://no-such-bucket-here/kv/"
     elif fault == "endpoint":
         env["LMCACHE_S3_ENDPOINT_URL"] = "http://127.0.0.1:9"
+    elif fault == "nocredentials":  # nothing in the chain: no env keys, no profile file, no instance metadata
+        env |= {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_EC2_METADATA_DISABLED": "true",
+                "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
     row = _doctor(env)["remote tier"]
     assert row["status"] == ("ok" if fault == "none" else "fail"), row
     assert found in row["found"] and fix in row["fix"], row
