@@ -110,12 +110,6 @@ def unique(words: Words, count: int, length: int) -> list[Request]:
     return [Request("unique", "unique", length, f"unique {i}", words.text(length)) for i in range(count)]
 
 
-def first_token_seconds(url: str, model: str, prompt: str, timeout: float, output_tokens: int = 2) -> tuple[float, int | None]:
-    """TTFT of a streamed completion, and the prompt's token count as the engine reports it."""
-    ttft, tokens, _ = stream_timings(url, model, prompt, timeout, output_tokens)
-    return ttft, tokens
-
-
 def stream_timings(url: str, model: str, prompt: str, timeout: float,
                    output_tokens: int = 2) -> tuple[float, int | None, float | None]:
     """(TTFT, prompt tokens as the engine reports them, mean inter-token gap after the first token or None)."""
@@ -258,7 +252,7 @@ def _warm_up(name: str, url: str, model: str, args: argparse.Namespace, say) -> 
     words = Words(args.vocab_from, args.seed + 10_000)  # prompts no measured request shares
     for _ in range(args.warmup):  # a fresh engine's first requests compile kernels: not measured
         try:
-            first_token_seconds(url, model, words.text(args.unique_tokens), args.timeout)
+            stream_timings(url, model, words.text(args.unique_tokens), args.timeout)
         except Exception as e:
             raise ValueError(f"warm-up request to {name} ({url}) failed: {type(e).__name__}: {e}") from None
     say(f"{name}: {args.warmup} warm-up requests done")

@@ -194,17 +194,9 @@ def _disk_startup(path: str, count: int, say) -> float:
 
 def _s3_setup(args: argparse.Namespace, cfg, sealed):
     """The S3 tier and the same client library's raw PUT/GET of the same bytes (boto3, one object per call)."""
-    from lmcache.core.config import remote_urls
-    from lmcache.core.tiers.s3_tier import S3Tier
+    from lmcache.cli.s3 import checked_tier
 
-    url = args.url or next((u for u in remote_urls(cfg) if u.startswith("s3://")), None)
-    if url is None:
-        raise ValueError("--tier s3 needs --url s3://bucket/prefix (or an s3:// entry in remote_url)")
-    tier = S3Tier(url, cfg)
-    problems = [f"{found}; fix: {fix}" for status, found, fix in tier.diagnose() if status != "ok"]
-    if problems:
-        tier.close()
-        raise ValueError(problems[0])
+    tier = checked_tier(args.url, cfg, "lmcache bench tier --tier s3")
     client, bucket = tier.client, tier.bucket
     names = [f"{tier.prefix}lmcache-bench-raw/{i}" for i in range(len(sealed))]
     bodies = [b"".join(s) for s in sealed]  # what the tier stores: sealed header + payload

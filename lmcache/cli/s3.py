@@ -38,22 +38,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s3.set_defaults(func=lambda args: (s3.print_help(), 2)[1])
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    from lmcache.cli.bench import Progress
-    from lmcache.cli.main import config_from_args, emit, table
+def checked_tier(url: str | None, cfg: Any, command: str) -> Any:
+    """The S3 tier a command works on (``--url``, else remote_url's s3:// entry), after ``diagnose`` found the
+    endpoint, credentials, bucket and write permission in order; else a one-line error with the fix."""
     from lmcache.core.config import remote_urls
     from lmcache.core.tiers.s3_tier import S3Tier
 
-    cfg = config_from_args(args)
-    url = args.url or next((u for u in remote_urls(cfg) if u.startswith("s3://")), None)
+    url = url or next((u for u in remote_urls(cfg) if u.startswith("s3://")), None)
     if url is None:
-        raise ValueError("lmcache s3 prune needs --url s3://bucket/prefix (or an s3:// entry in remote_url)")
-    say = Progress(args.json)
+        raise ValueError(f"{command} needs --url s3://bucket/prefix (or an s3:// entry in remote_url)")
     tier = S3Tier(url, cfg)
+    problems = [f"{found}; fix: {fix}" for status, found, fix in tier.diagnose() if status != "ok"]
+    if problems:
+        tier.close()
+        raise ValueError(problems[0])
+    return tier
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from lmcache.cli.bench import Progress
+    from lmcache.cli.main import config_from_args, emit, table
+
+    cfg = config_from_args(args)
+    tier = checked_tier(args.url, cfg, "lmcache s3 prune")
+    url = tier.url
+    say = Progress(args.json)
     try:
-        problems = [f"{found}; fix: {fix}" for status, found, fix in tier.diagnose() if status != "ok"]
-        if problems:
-            raise ValueError(problems[0])
         cutoff = datetime.now(timezone.utc) - args.older_than
         data = _prune(tier.client, tier.bucket, tier.prefix, cutoff, args.dry_run, say)
     finally:

@@ -96,7 +96,7 @@ class LMCacheConfig:
     s3_part_mb: float = _key(8.0, "Size of the ranges an S3 object is read in (in parallel) and of its multipart-upload parts, MiB.", _part_mb)
     s3_multipart_mb: float = _key(64.0, "Objects larger than this, in MiB, are uploaded in parts side by side; smaller ones with one PUT (faster on most stores).", _positive)
     s3_concurrency: int = _key(8, "S3 requests in flight per tier: parallel ranged GETs, multipart parts, lookup HEADs.", _positive)
-    s3_timeout_s: float = _key(2.0, "Longest an S3 request may stall (connecting, or between bytes), in seconds; then the tier misses/drops and retries a second later.", _positive)
+    s3_timeout_s: float = _key(2.0, "Longest an S3 request may stall (connecting, or between bytes), in seconds; then the tier misses/drops and retries a second later (less often while it keeps failing).", _positive)
     writeback_queue_size: int = _key(256, "Chunks queued per lower tier for asynchronous write-back; beyond it stores are dropped and counted.", _positive)
     promote_on_hit: bool = _key(True, "Copy a chunk found in a lower tier into the CPU tier when it is retrieved.")
     mode: str = _key("inproc", "Where the cache pool lives: inproc (inside the engine process) or mp (a shared 'lmcache server').", _choice("inproc", "mp"))

@@ -181,14 +181,11 @@ def _remote(cfg) -> Iterator[Check]:
 
 def _remote_one(cfg, url: str, what: str) -> Iterator[Check]:
     from lmcache.core.hookspecs import Diagnosable, Pingable
+    from lmcache.core.tiers.stack import open_remote
 
     scheme = url.split("://", 1)[0].lower()
-    spec = get_registry().tiers.get(scheme)
-    if spec is None:
-        yield Check(what, FAIL, f"no tier handles '{scheme}://'", f"use one of {', '.join(sorted(get_registry().tiers))}")
-        return
     try:
-        tier = spec.factory(url, cfg)
+        tier = open_remote(url, cfg, get_registry())
     except ValueError as e:
         yield Check(what, FAIL, str(e), "fix remote_url")
         return

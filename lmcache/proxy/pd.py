@@ -144,7 +144,7 @@ class PDProxy:
             try:
                 async with self.session.get(f"{inst.url}/v1/models") as r:
                     return web.Response(body=await r.read(), status=r.status, content_type="application/json")
-            except (aiohttp.ClientError, OSError) as e:
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 self._down(inst, f"{type(e).__name__}: {e}")
         return _error(503, "no decode instance answered /v1/models")
 

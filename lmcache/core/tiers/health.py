@@ -46,8 +46,8 @@ class RemoteHealth:
             if not self._down_logged:
                 self._down_logged = True
                 log.warning("lmcache remote tier %s: %s failed (%s: %s)%s; lookups miss and stores drop until it "
-                            "answers again (retrying after %.1fs, then less often while it fails)", self.label, what, type(e).__name__, e,
-                            f"; {hint}" if hint else "", self.retry_interval_s)
+                            "answers again (retrying after %.1fs, then less often while it fails)", self.label, what,
+                            type(e).__name__, e, f"; {hint}" if hint else "", self.retry_interval_s)
 
     def ok(self) -> None:
         self._in_a_row = 0

@@ -95,17 +95,6 @@ class RedisTier:
         self.stats = TierStats()
         self.health = RemoteHealth(self._safe_url(), self.stats, retry_interval_s)
 
-    # -- connection health (RemoteHealth: a quiet period after a failure, then a retry) ------------------
-
-    def _usable(self) -> bool:
-        return self.health.usable()
-
-    def _failed(self, what: str, e: Exception) -> None:
-        self.health.failed(what, e)
-
-    def _ok(self) -> None:
-        self.health.ok()
-
     def _safe_url(self) -> str:
         p = urlsplit(self.url)
         return self.url.replace(f":{p.password}@", ":***@") if p.password else self.url
@@ -136,7 +125,7 @@ class RedisTier:
         return self.contains_many([key])[0]
 
     def contains_many(self, keys: list[ObjectKey]) -> list[bool]:
-        if not keys or not self._usable():
+        if not keys or not self.health.usable():
             return [False] * len(keys)
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -144,9 +133,9 @@ class RedisTier:
                 pipe.exists(self._hkey(k))
             found = [bool(x) for x in pipe.execute()]
         except _FAILURES as e:
-            self._failed("lookup", e)
+            self.health.failed("lookup", e)
             return [False] * len(keys)
-        self._ok()
+        self.health.ok()
         return found
 
     def load(self, key: ObjectKey, alloc: Callable[[int], MemoryObj | None]) -> tuple[ChunkHeader, MemoryObj] | None:
@@ -157,7 +146,7 @@ class RedisTier:
         return self._read(key, (head_start, head_end), dest)
 
     def _read(self, key: ObjectKey, heads: tuple[int, int] | None, dest: HeadDest) -> ChunkHeader | None:
-        if not self._usable():
+        if not self.health.usable():
             self.stats.misses += 1
             return None
         try:
@@ -224,15 +213,15 @@ class RedisTier:
             self.remove(key)
             return None
         except _FAILURES as e:
-            self._failed("read", e)
+            self.health.failed("read", e)
             return None
-        self._ok()
+        self.health.ok()
         self.stats.hits += 1
         self.stats.bytes_out += nbytes
         return header
 
     def put(self, key: ObjectKey, header: bytes, payload: memoryview) -> bool:
-        if not self._usable():
+        if not self.health.usable():
             self.stats.drops += 1
             return False
         try:
@@ -253,10 +242,10 @@ class RedisTier:
                 pipe.set(self._hkey(key), sealed)  # last: the commit point
                 pipe.execute()
         except _FAILURES as e:
-            self._failed("write", e)
+            self.health.failed("write", e)
             self.stats.drops += 1
             return False
-        self._ok()
+        self.health.ok()
         self.stats.stores += 1
         self.stats.bytes_in += len(payload)
         return True
@@ -289,7 +278,7 @@ class RedisTier:
                 at += 16
             return raw is not None
         except _FAILURES as e:
-            self._failed("delete", e)
+            self.health.failed("delete", e)
             return False
 
     @staticmethod

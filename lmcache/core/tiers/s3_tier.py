@@ -222,9 +222,13 @@ class S3Tier:
             self.stats.misses += 1
             return None
         name = self.object_name(key)
+        # the first response: a whole object's first part, or for a head shard the header and its table only (its
+        # size follows from the key's head range), so no byte before the wanted heads crosses the network
+        whole = heads is None or heads == (key.head_start, key.head_end)
+        first_end = self.part_bytes if whole else HEADER_BYTES + 8 * (key.head_end - key.head_start)
         try:
             try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=name, Range=f"bytes=0-{self.part_bytes - 1}")
+                resp = self.client.get_object(Bucket=self.bucket, Key=name, Range=f"bytes=0-{first_end - 1}")
             except botocore.exceptions.ClientError as e:
                 if error_code(e) in _ABSENT:
                     self.stats.misses += 1
@@ -235,12 +239,12 @@ class S3Tier:
                 raise
             with resp["Body"] as body:
                 size = int(str(resp.get("ContentRange") or f"/{resp['ContentLength']}").rpartition("/")[2])
-                head = bytearray(HEADER_BYTES)
-                _read_exact(body, memoryview(head))
-                header = check_header(bytes(head), key)
-                table = bytearray(header.sealed_nbytes - HEADER_BYTES)
-                _read_exact(body, memoryview(table))
-                sums = head_sums(header, bytes(head) + bytes(table))
+                sealed = bytearray(HEADER_BYTES)
+                _read_exact(body, memoryview(sealed))
+                header = check_header(bytes(sealed), key)  # a copy of ~100 bytes: the buffer grows next
+                sealed.extend(bytes(header.sealed_nbytes - HEADER_BYTES))
+                _read_exact(body, memoryview(sealed)[HEADER_BYTES:])
+                sums = head_sums(header, memoryview(sealed))
                 if size != header.sealed_nbytes + header.payload_nbytes:
                     raise ChunkCorrupt(f"object is {size} bytes, its header says "
                                        f"{header.sealed_nbytes + header.payload_nbytes}")
@@ -257,7 +261,8 @@ class S3Tier:
                     return None
                 if len(view) != hi - lo:
                     raise ValueError(f"dest holds {len(view)} bytes for {hi - lo} bytes of heads")
-                streamed_to = min(size, self.part_bytes)  # the first response runs to here
+                # the first response runs to here; it holds the start of the payload only when reading it whole
+                streamed_to = min(size, first_end) if whole else lo
                 # the rest first, in parallel, pinned to this object's version; then the first response's bytes
                 later: list[Future[None]] = [
                     self._pool.submit(self._get_range, name, at, min(at + self.part_bytes, hi), resp["ETag"],
@@ -265,12 +270,6 @@ class S3Tier:
                     for at in range(max(lo, streamed_to), hi, self.part_bytes)]
                 try:
                     if lo < streamed_to:
-                        skip = lo - header.sealed_nbytes
-                        while skip > 0:  # heads before the wanted ones, in the first response
-                            got = body.read(min(skip, 1 << 20))
-                            if not got:
-                                raise ChunkCorrupt("object ended early")
-                            skip -= len(got)
                         _read_exact(body, view[: min(hi, streamed_to) - lo])
                 finally:
                     for f in later:

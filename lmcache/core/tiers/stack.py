@@ -51,6 +51,8 @@ READ_THREADS = min(4, os.cpu_count() or 1)
 #: remote objects read side by side (network-bound, not CPU-bound: measured 1.5x one at a time on S3 and 2 cores)
 REMOTE_READS = 4
 __all__ = ["EXISTS", "Committed", "TierStack"]
+#: load(key, promote) -> the chunk's entry, acquired, or None
+_Load = Callable[[ObjectKey, bool], "CpuEntry | None"]
 
 
 class TierStack:
@@ -136,9 +138,10 @@ class TierStack:
         for listener in list(self.eviction_listeners):
             listener(entry.key, "disk" if to_disk else None)
 
-    def _from_lower(self, okey: ObjectKey, promote: bool) -> CpuEntry | None:
-        """Load a chunk from the first lower tier holding it; the entry comes back acquired."""
-        for tier in self.lower:
+    def _from_lower(self, okey: ObjectKey, promote: bool, tiers: list[StorageTier] | None = None) -> CpuEntry | None:
+        """Load a chunk from the first lower tier (of ``tiers``, default all) holding it; the entry comes back
+        acquired."""
+        for tier in self.lower if tiers is None else tiers:
             entry = self._from_tier(tier, okey, promote)
             if entry is not None:
                 return entry
@@ -293,8 +296,8 @@ class TierStack:
 
     def acquire_prefix(self, okeys: Iterable[ObjectKey], promote: bool | None = None) -> list[CpuEntry]:
         """Entries of the cached prefix, each with a reader's reference (release_many them). A run of chunks
-        on local disk or on remote tiers only is read in parallel (``_lower_run``); a chunk stored only by engines of other TP sizes is
-        assembled from their shards (``_assemble``)."""
+        on local disk or on remote tiers only is read in parallel (``_lower_run``); a chunk stored only by engines
+        of other TP sizes is assembled from their shards (``_assemble``)."""
         return self._acquire(list(okeys), self.config.promote_on_hit if promote is None else promote, True)
 
     def _acquire(self, keys: list[ObjectKey], promote: bool, count: bool) -> list[CpuEntry]:
@@ -326,8 +329,7 @@ class TierStack:
             i += 1
         return entries
 
-    def _lower_run(self, keys: list[ObjectKey], start: int) -> tuple[list[ObjectKey], Callable[[ObjectKey, bool], CpuEntry | None],
-                                                                     ThreadPoolExecutor]:
+    def _lower_run(self, keys: list[ObjectKey], start: int) -> tuple[list[ObjectKey], _Load, ThreadPoolExecutor]:
         """keys[start:j]: the chunks from ``start`` on that are not in the CPU tier and can be read side by side,
         each into its own pool memory, with how to read one and the threads to read them with: a run on local
         disk (disk reads release the GIL), else, with remote tiers, a run on none of the local tiers (each
@@ -336,9 +338,10 @@ class TierStack:
         on_disk = self.disk is not None and not self.cpu.contains(keys[start]) and self.disk.contains(keys[start])
         if on_disk:
             limit, readers = 4 * READ_THREADS, self._readers
-            load: Callable[[ObjectKey, bool], CpuEntry | None] = lambda k, p: self._from_tier(self.disk, k, p)
-        elif self._remote_readers is not None:
-            limit, readers, load = 2 * REMOTE_READS, self._remote_readers, self._from_lower
+            load: _Load = lambda k, p: self._from_tier(self.disk, k, p)
+        elif self._remote_readers is not None:  # not on local disk (checked per key below): ask the remote tiers only
+            limit, readers = 2 * REMOTE_READS, self._remote_readers
+            load = lambda k, p: self._from_lower(k, p, self.remotes)
         else:
             return [], self._from_lower, self._readers
         run: list[ObjectKey] = []
