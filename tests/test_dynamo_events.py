@@ -126,12 +126,14 @@ def test_evictions_move_the_score_from_cpu_to_disk(model_dir, tmp_path):
         for seed in range(2, 12):
             engine.add(f"R{seed}", prompt(200, seed=seed))
             engine.run()
-        got = indexer.wait_for(first, lambda r: r[WORKER]["cpu"] < 192)
+        # events cross a socket and a thread: wait for the indexer to have them all, then check the final state
+        got = indexer.wait_for(first, lambda r: r[WORKER]["cpu"] == 0 and r[WORKER]["disk"] == 192)
         # gone from the CPU tier (from its first chunk on), still whole on disk: Dynamo's disk score is
         # cumulative over faster tiers, so the disk column counts the whole prefix
         assert got[WORKER]["cpu"] == 0 and got[WORKER]["disk"] == 192
         # the newest prompt is still in the CPU tier
-        assert indexer.query(prompt(200, seed=11))[WORKER]["cpu"] == 192
+        newest = indexer.wait_for(prompt(200, seed=11), lambda r: r.get(WORKER, {}).get("cpu") == 192)
+        assert newest[WORKER]["cpu"] == 192
     finally:
         indexer.close()
         engine.close()
