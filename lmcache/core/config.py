@@ -106,6 +106,12 @@ class LMCacheConfig:
     layerwise_load: bool = _key(False, "Load a hit's KV layer by layer on the backend's copy stream, each layer waited for just before its attention runs (vLLM's wait_for_layer_load); off: every layer is loaded before the forward starts.")
     router_events: str = _key("", "Publish which prefixes the lmcache tiers hold to a KV-aware router: empty (off) or a router's name (dynamo).", lambda v: None if v == "" or v.replace("_", "").replace("-", "").isalnum() else "empty or a router name such as dynamo")
     router_events_endpoint: str = _key("tcp://*:5558", "ZeroMQ address the router-event publisher binds; the router's indexer subscribes to it.", lambda v: None if v.startswith(("tcp://", "ipc://")) else "a ZeroMQ address such as tcp://*:5558")
+    enable_blending: bool = _key(False, "Non-prefix reuse (CacheBlend): a prompt is cut into segments at blend_special_str; each segment's KV is cached on its own and reused wherever it appears, a blend_recompute_ratio share of its tokens recomputed (vLLM, Llama/Qwen models, tensor_parallel_size 1; see README 'RAG and non-prefix reuse'). Such an engine stores and loads segments only, no prefix chunks.")
+    blend_special_str: str = _key(" # # ", "The text put between documents to mark segment boundaries (found as its token ids in the prompt).", lambda v: None if v.strip() else "a non-blank string such as ' # # '")
+    blend_recompute_ratio: float = _key(0.15, "Share of a blended prompt's cached tokens recomputed through every layer after the check layer: those whose KV deviates most from a full prefill's; 0 reuses all as cached, 1 recomputes all (a full prefill).", lambda v: None if 0.0 <= v <= 1.0 else "a fraction in 0..1, e.g. 0.15")
+    blend_recompute_min_tokens: int = _key(8, "Least number of cached tokens recomputed per blended prompt, whatever the ratio.", _non_negative)
+    blend_check_layer: int = _key(1, "Layer at which the KV deviation of cached tokens is measured; layers below it are computed in full for every token (>= 1: at layer 0 a cached key equals a fresh one).", lambda v: None if v >= 1 else "a layer index >= 1")
+    blend_min_tokens: int = _key(32, "Blend only when at least this many prompt tokens come from cached segments; fewer: vLLM computes the prompt itself.", _non_negative)
     log_level: str = _key("INFO", "Logging level of lmcache's own logger (any case).", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
 
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

@@ -29,6 +29,12 @@ def _remote_scheme(value: Any) -> Any:
     return "redis+cluster://" + text[len("redis-cluster://"):] if text.startswith("redis-cluster://") else text
 
 
+def _first(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = [v for v in value.strip("[] ").split(",") if v.strip()]
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
 @dataclass(frozen=True)
 class Mapped:
     """A peer key with a meaning here: ``ours`` takes ``convert(value)``; ``note`` is said once."""
@@ -45,7 +51,9 @@ MAPPED: dict[str, Mapped] = {
     "max_local_disk_size": Mapped("max_local_disk_size_gb", note="GB in the peer, GiB here"),
     "use_layerwise": Mapped("layerwise_load"),
     "cache_policy": Mapped("eviction_policy"),
-    "remote_url": Mapped("remote_url", _remote_scheme),  # the peer's redis-cluster:// is our redis+cluster://
+    "remote_url": Mapped("remote_url", _remote_scheme),
+    "blend_recompute_ratios": Mapped("blend_recompute_ratio", _first, "the peer takes a list; the first ratio is used"),
+    "blend_check_layers": Mapped("blend_check_layer", _first, "the peer takes a list; the first layer is used"),  # the peer's redis-cluster:// is our redis+cluster://
 }
 
 #: peer keys whose peer default is what lmcache always does: accepted silently at that value, warned otherwise
@@ -60,9 +68,7 @@ FIXED: dict[str, tuple[bool, str]] = {
 IGNORED: dict[str, str] = {
     **{k: "telemetry/usage reporting: lmcache sends nothing anywhere" for k in ("track_usage",)},
     **{k: "no experimental switch: what lmcache has is on" for k in ("use_experimental",)},
-    **{k: "non-prefix reuse (CacheBlend) is not supported yet" for k in (
-        "enable_blending", "blend_special_str", "blend_recompute_ratio", "blend_recompute_ratios", "blend_thresholds",
-        "blend_check_layers", "blend_min_tokens")},
+    **{k: "blending selects tokens by ratio (blend_recompute_ratio), not by thresholds" for k in ("blend_thresholds",)},
     **{k: "disaggregated prefill goes through the pool here, not a NIXL channel: start the instances with "
           "'lmcache launch-flags vllm --role pd' (kv_producer / kv_consumer) and put 'lmcache pd-proxy' in front" for k in (
         "enable_pd", "pd_role", "pd_buffer_size", "pd_buffer_device", "pd_peer_host", "pd_peer_init_port",

@@ -21,6 +21,7 @@ from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from lmcache.adapters.logs import follow_engine_logging
 from lmcache.adapters.lookup_channel import LookupClient, LookupServer, channel_address
+from lmcache.adapters.vllm.blend_scheduler import BlendScheduler
 from lmcache.adapters.vllm.model import UnsupportedModel, config_from, model_view, tp_rank_of
 from lmcache.adapters.vllm.plan import RequestPlan
 from lmcache.adapters.vllm.scheduler_side import SchedulerSide
@@ -32,6 +33,43 @@ from lmcache.core.shared import find_engine
 log = logging.getLogger("lmcache")
 # vLLM's medium names (vllm.distributed.kv_events.MEDIUM_*): the CPU tier is "CPU", the disk tier "STORAGE"
 MEDIUM = {"cpu": "CPU", "disk": "STORAGE"}
+
+
+def check_blending(vllm_config: Any, view: Any) -> None:
+    """enable_blending's preconditions, refused at start with the reason (the worker checks the model class)."""
+    from lmcache.core.geometry import KIND_MLA
+
+    pc = vllm_config.parallel_config
+    if pc.tensor_parallel_size != 1 or pc.pipeline_parallel_size != 1:
+        raise UnsupportedModel(f"enable_blending runs the model's layers inside the connector, which needs "
+                               f"tensor_parallel_size 1 and pipeline_parallel_size 1 (got {pc.tensor_parallel_size}, "
+                               f"{pc.pipeline_parallel_size}): drop enable_blending or serve on one device")
+    if view.geometry.kind == KIND_MLA:
+        raise UnsupportedModel("enable_blending re-rotates per-head keys; this model stores latent (MLA) KV: drop enable_blending")
+    archs = list(getattr(vllm_config.model_config.hf_config, "architectures", None) or [])
+    from lmcache.adapters.vllm.blend_registry import SUPPORTED_ARCHITECTURES, TESTED_VLLM
+
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise UnsupportedModel(f"enable_blending supports {', '.join(SUPPORTED_ARCHITECTURES)} (vLLM "
+                               f"{', '.join(TESTED_VLLM)}); this model is {', '.join(archs) or 'of no known architecture'}: "
+                               "drop enable_blending")
+
+
+def separator_ids(vllm_config: Any, text: str) -> list[int]:
+    """The token ids of ``blend_special_str`` with the served model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    mc = vllm_config.model_config
+    try:
+        tok = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code,
+                                            revision=getattr(mc, "tokenizer_revision", None))
+    except Exception as e:
+        raise UnsupportedModel(f"enable_blending: the tokenizer {mc.tokenizer!r} could not be loaded to find "
+                               f"blend_special_str {text!r} ({type(e).__name__}: {e})") from e
+    ids = list(tok.encode(text, add_special_tokens=False))
+    if not ids:
+        raise UnsupportedModel(f"blend_special_str {text!r} has no tokens with this tokenizer: set it to a text it keeps")
+    return ids
 
 
 def offset_port(endpoint: str, dp_rank: int) -> str:
@@ -94,7 +132,9 @@ class LMCacheConnector(KVConnectorBase_V1):
         self.config = config
         self.view = model_view(vllm_config, kv_cache_config, config)
         kv_role = self._kv_transfer_config.kv_role
-        self._scheduler: SchedulerSide | None = None
+        if config.enable_blending:
+            check_blending(vllm_config, self.view)
+        self._scheduler: SchedulerSide | BlendScheduler | None = None
         self._worker: WorkerSide | None = None
         self._events: LMCacheKVEvents | None = None
         self._lookup_engine: CacheEngine | None = None
@@ -111,9 +151,16 @@ class LMCacheConnector(KVConnectorBase_V1):
                 self._router = open_router_events(
                     config.replace(router_events_endpoint=offset_port(config.router_events_endpoint, dp_rank)),
                     self.view.block_size)
-            self._scheduler = SchedulerSide(config, self.view, self._make_lookup(),
-                                            load=kv_role in ("kv_both", "kv_consumer"), save=save,
-                                            router_hash=self._router.block_hashes if self._router else None)
+            if config.enable_blending:
+                from lmcache.adapters.vllm.blend_scheduler import BlendScheduler
+
+                self._scheduler = BlendScheduler(config, self.view, self._make_lookup(),
+                                                 separator_ids(vllm_config, config.blend_special_str),
+                                                 load=kv_role in ("kv_both", "kv_consumer"), save=save)
+            else:
+                self._scheduler = SchedulerSide(config, self.view, self._make_lookup(),
+                                                load=kv_role in ("kv_both", "kv_consumer"), save=save,
+                                                router_hash=self._router.block_hashes if self._router else None)
         else:
             self._worker = WorkerSide(config, self.view, tp_rank_of(vllm_config), durable=kv_role == "kv_producer")
         log.info("lmcache connector (%s, %s mode): model %s, %d layers, chunk %d tokens", role.name.lower(),

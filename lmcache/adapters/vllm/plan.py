@@ -12,6 +12,22 @@ import torch
 
 
 @dataclass
+class BlendPlan:
+    """A blended request (``enable_blending``): its segments and what of them is cached or to be stored.
+
+    Segment i is tokens ``spans[i]`` of the prompt with chunk keys ``keys[i]``; ``cached[i]`` leading chunks
+    of it are in the cache. A load blends tokens [0, region_end): ``tokens`` are those tokens. A save stores
+    chunks ``cached[i]..`` of every segment (``save``), once the whole prompt has been computed."""
+
+    spans: list[tuple[int, int]]
+    keys: list[tuple[bytes, ...]]
+    cached: list[int]
+    tokens: list[int] = field(default_factory=list)
+    region_end: int = 0
+    save: bool = False
+
+
+@dataclass
 class RequestPlan:
     req_id: str
     #: keys of the request's chunks 0 .. n-1, enough to cover the load and the save below
@@ -36,6 +52,8 @@ class RequestPlan:
     #: the request's namespace as the router hashes it
     lora_name: str | None = None
     cache_salt: str | None = None
+    #: a blended request: load_start/load_end are the blended region, the chunk fields are unused
+    blend: BlendPlan | None = None
 
     def slot_mapping(self, block_size: int, num_tokens: int) -> torch.Tensor:
         """Slot of each token [0, num_tokens): ``block_ids[pos // block_size] * block_size + pos % block_size``.

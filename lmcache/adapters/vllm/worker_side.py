@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from lmcache.core.config import LMCacheConfig
 from lmcache.core.engine import CacheEngine
 from lmcache.core.layouts import BlockPagedKV, LayoutError
 from lmcache.core.shared import get_engine
+
+if TYPE_CHECKING:
+    from lmcache.adapters.vllm.blend_worker import BlendWorker
 
 log = logging.getLogger("lmcache")
 MAX_ANNOUNCED = 1 << 20
@@ -83,6 +87,7 @@ class WorkerSide:
         self.saver = view.is_saver(tp_rank)
         self.kv: BlockPagedKV | None = None
         self.engine: CacheEngine | None = None
+        self.blend: "BlendWorker | None" = None  # enable_blending: set once the KV caches are registered
         self.stats = WorkerStats()
         self._load_errors: set[int] = set()
         self._stored: list[StoredChunk] = []
@@ -104,6 +109,10 @@ class WorkerSide:
         kv.check(self.view.geometry)  # one clear error now instead of one per step
         self.kv = kv
         self.engine = get_engine(self.config, self.view.identity, self.head_range, layers[0].device)
+        if self.config.enable_blending:
+            from lmcache.adapters.vllm.blend_worker import BlendWorker, blend_model_or_fail
+
+            self.blend = BlendWorker(self.config, self.view, self.engine, kv, blend_model_or_fail(self.view.tp_size))
         if self.view.kv_events or self.config.router_events:
             self.engine.stack.eviction_listeners.append(self._on_evict)
             self.engine.stack.poll_evictions()  # mp mode: start reading the server's eviction log from now
@@ -113,6 +122,9 @@ class WorkerSide:
     def load(self, plans: list[RequestPlan]) -> None:
         for plan in plans:
             if plan.load_end <= plan.load_start:
+                continue
+            if plan.blend is not None:
+                self._load_blended(plan)
                 continue
             slots = plan.slot_mapping(self.view.block_size, plan.load_end)
             slots[: plan.load_start] = -1  # vLLM computed (or prefix-cached) those itself
@@ -143,6 +155,41 @@ class WorkerSide:
                 log.warning("lmcache: %s: %d of %d cached tokens could not be loaded (evicted or corrupt since the "
                             "lookup)", plan.req_id, plan.load_end - good, plan.load_end - plan.load_start)
 
+    def _load_blended(self, plan: RequestPlan) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.blend is None:
+                raise RuntimeError("a blended load reached a worker without blending")
+            outcome = self.blend.load(plan)
+        except Exception as e:  # the engine must go on: vLLM recomputes the region's blocks
+            log.error("lmcache: blending %s failed (%s: %s); its blocks are reported as load errors", plan.req_id,
+                      type(e).__name__, e)
+            self.stats.failed_load_tokens += plan.load_end - plan.load_start
+            self._load_errors |= plan.blocks_of(plan.load_start, plan.load_end, self.view.block_size)
+            return
+        ms = (time.perf_counter() - t0) * 1e3
+        self.stats.loaded_tokens += plan.load_end - plan.load_start
+        self.stats.load_seconds += ms / 1e3
+        log.info("lmcache: %s: blended tokens [%d, %d) in %.1f ms: %d from cached segments, %d recomputed",
+                 plan.req_id, plan.load_start, plan.load_end, ms, outcome.from_cache, outcome.recomputed)
+
+    def _save_blended(self, plan: RequestPlan) -> None:
+        try:
+            if self.blend is None:
+                raise RuntimeError("a blended save reached a worker without blending")
+            stored, existing = self.blend.save(plan)
+        except Exception as e:  # a lost save is a future miss, never a failed request
+            self.stats.save_errors += 1
+            log.error("lmcache: saving the segments of %s failed (%s: %s)", plan.req_id, type(e).__name__, e)
+            return
+        self.stats.saved_chunks += stored
+        self.stats.stored_tokens += stored * self.config.chunk_size
+        self.stats.existing_chunks += existing
+        if stored:
+            log.info("lmcache: %s: stored %d segment chunks (%d cached already)", plan.req_id, stored, existing)
+        if self.durable and stored:
+            self._engine().flush()
+
     def wait_layer(self, layer_name: str) -> None:
         """Before layer ``layer_name``'s attention: its KV from this step's loads has arrived."""
         index = self._layer_index.get(layer_name)
@@ -158,6 +205,10 @@ class WorkerSide:
     def save(self, plans: list[RequestPlan]) -> None:
         cs = self.config.chunk_size
         for plan in plans:
+            if plan.blend is not None:
+                if plan.blend.save and self.saver:
+                    self._save_blended(plan)
+                continue
             if plan.save_end <= plan.save_first:
                 continue
             stored: list[int] = []
