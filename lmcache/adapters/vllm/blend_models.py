@@ -16,18 +16,21 @@ from lmcache.adapters.vllm.blend_registry import record
 
 
 class LlamaForCausalLM(_Llama):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    # vLLM inspects the signature: the keyword-only (vllm_config, prefix) form of its own classes
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         record(self)
 
 
 class Qwen2ForCausalLM(_Qwen2):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    # vLLM inspects the signature: the keyword-only (vllm_config, prefix) form of its own classes
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         record(self)
 
 
 class Qwen3ForCausalLM(_Qwen3):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    # vLLM inspects the signature: the keyword-only (vllm_config, prefix) form of its own classes
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         record(self)

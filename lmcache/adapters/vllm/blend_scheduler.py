@@ -22,6 +22,7 @@ from lmcache.core.config import LMCacheConfig
 
 log = logging.getLogger("lmcache")
 SPANS_PARAM = "lmcache_segments"
+RATIO_PARAM = "lmcache_recompute_ratio"
 
 
 @dataclass
@@ -68,9 +69,23 @@ class BlendScheduler:
             hasher = self._hashers.get(salt) or self._hashers.setdefault(salt, SegmentHasher(self.view.identity, self.cs, salt))
             segments = hasher.segments(tokens, spans)
             cached = [self._lookup(list(s.keys)) if self.load_enabled and s.keys else 0 for s in segments]
-            plan = BlendPlan([(s.start, s.end) for s in segments], [s.keys for s in segments], cached)
+            plan = BlendPlan([(s.start, s.end) for s in segments], [s.keys for s in segments], cached,
+                             ratio=self._ratio(rid, params))
         self._plans[rid] = plan
         return plan
+
+    def _ratio(self, rid: str, params: dict) -> float | None:
+        if RATIO_PARAM not in params:
+            return None
+        try:
+            ratio = float(params[RATIO_PARAM])
+            if 0.0 <= ratio <= 1.0:
+                return ratio
+        except (TypeError, ValueError):
+            pass
+        log.warning("lmcache: %s: kv_transfer_params %s = %r is not a fraction in 0..1; blend_recompute_ratio %g is used",
+                    rid, RATIO_PARAM, params[RATIO_PARAM], self.config.blend_recompute_ratio)
+        return None
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         plan = self._plan_of(request)
@@ -134,7 +149,7 @@ class BlendScheduler:
         if load is None and not save:
             return
         start, end = load or (0, 0)
-        blend = BlendPlan(t.plan.spans, t.plan.keys, t.plan.cached, prompt[:end], end, save)
+        blend = BlendPlan(t.plan.spans, t.plan.keys, t.plan.cached, prompt[:end], end, save, t.plan.ratio)
         n = len(prompt) if save else end
         plans.append(RequestPlan(req_id=t.request.request_id, chunk_keys=[], block_ids=t.block_ids[: -(-n // self.view.block_size)],
                                  load_start=start, load_end=end, blend=blend))

@@ -10,6 +10,7 @@ rotated back to the segment's own positions, and its new full chunks stored.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from lmcache.core.blend.kvio import copy_tokens, dense_kv, load_segments, save_s
 from lmcache.core.blend.segments import Segment
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.engine import CacheEngine
-from lmcache.core.layouts import BlockPagedKV, TokenSlotKV
+from lmcache.core.layouts import KVLayout, TokenSlotKV
 
 log = logging.getLogger("lmcache")
 
@@ -50,7 +51,7 @@ def blend_model_or_fail(tp_size: int) -> VllmBlendModel:
 
 
 class BlendWorker:
-    def __init__(self, config: LMCacheConfig, view: ModelView, engine: CacheEngine, kv: BlockPagedKV,
+    def __init__(self, config: LMCacheConfig, view: ModelView, engine: CacheEngine, kv: KVLayout,
                  model: VllmBlendModel) -> None:
         self.config = config
         self.view = view
@@ -77,7 +78,10 @@ class BlendWorker:
         cached = load_segments(self.engine, self._segments(plan), plan.blend.cached, dense, self.model.rope)
         cached[:local] = True
         tokens = torch.tensor(plan.blend.tokens[:end], dtype=torch.long, device=self.kv.device)
-        result = blend(self.model, tokens, dense.k, dense.v, cached, self.settings)
+        settings = self.settings
+        if plan.blend.ratio is not None:
+            settings = dataclasses.replace(settings, recompute_ratio=plan.blend.ratio)
+        result = blend(self.model, tokens, dense.k, dense.v, cached, settings)
         out = TokenSlotKV(result.k, result.v, head_start=dense.head_start)
         copy_tokens(backend, out, torch.arange(local, end), self.kv, slots[local:end], geometry)
         return BlendOutcome(end, int(cached[local:].sum()), int(result.recomputed.numel()))

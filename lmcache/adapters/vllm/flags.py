@@ -49,6 +49,9 @@ def vllm_args(config: LMCacheConfig, config_path: str | None = None, block_size:
     if config.chunk_size % bs:
         raise ConfigError(f"chunk_size {config.chunk_size} is not a multiple of vLLM's block size {bs}: set chunk_size "
                           f"to a multiple of {bs} (e.g. {max(1, config.chunk_size // bs) * bs})")
+    if config.enable_blending and role != "both":
+        raise ConfigError(f"--role {role} with enable_blending: a blended prompt is computed where its segments are "
+                          "loaded; serve blending on colocated instances (--role both)")
     if role not in ("both", "pd") and config.mode != "mp" and not config.remote_url:
         raise ConfigError(f"--role {role}: the prefill and decode instances need one pool both reach: set mode=mp "
                           "(one 'lmcache server' on this host) or remote_url (Redis/Valkey across hosts)")
@@ -69,9 +72,14 @@ def serve_prefix(model: str) -> list[str]:
     return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", model]
 
 
+#: set in vLLM's environment when blending is on: read by lmcache's vLLM plugin before the model is built
+BLEND_ENV = "LMCACHE_ENABLE_BLENDING=1"
+
+
 def vllm_command(config: LMCacheConfig, model: str, config_path: str | None = None, block_size: int | None = None,
                  role: str = "both") -> str:
-    return shlex.join([*serve_prefix(model), *vllm_args(config, config_path, block_size, role)])
+    line = shlex.join([*serve_prefix(model), *vllm_args(config, config_path, block_size, role)])
+    return f"{BLEND_ENV} {line}" if config.enable_blending else line
 
 
 def launch_lines(config: LMCacheConfig, model: str, options: dict) -> list[tuple[str, str]]:

@@ -25,6 +25,8 @@ class BlendPlan:
     tokens: list[int] = field(default_factory=list)
     region_end: int = 0
     save: bool = False
+    #: the request's own recompute ratio (``kv_transfer_params`` ``lmcache_recompute_ratio``); None: the config's
+    ratio: float | None = None
 
 
 @dataclass

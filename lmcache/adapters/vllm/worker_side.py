@@ -22,7 +22,8 @@ from lmcache.adapters.vllm.model import ModelView
 from lmcache.adapters.vllm.plan import RequestPlan
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.engine import CacheEngine
-from lmcache.core.layouts import BlockPagedKV, LayoutError
+from lmcache.core.geometry import KIND_MHA
+from lmcache.core.layouts import BlockPagedKV, KVLayout, LayoutError
 from lmcache.core.shared import get_engine
 
 if TYPE_CHECKING:
@@ -76,8 +77,12 @@ class WorkerSide:
     lists, which eviction listeners fill from other threads.
     """
 
-    def __init__(self, config: LMCacheConfig, view: ModelView, tp_rank: int, durable: bool = False) -> None:
+    def __init__(self, config: LMCacheConfig, view: ModelView, tp_rank: int, durable: bool = False,
+                 cpu_attention: bool = False, kv_cache_dtype: str = "auto") -> None:
         self.config = config
+        #: vLLM's CPU attention backend serves this worker: its blocks are packed (see cpu_layout)
+        self.cpu_attention = cpu_attention
+        self.kv_cache_dtype = kv_cache_dtype
         #: a prefill instance (kv_producer): a request's chunks must have reached every tier (the remote one the
         #: decode instances read) before its answer leaves, so saves wait for the write-back queues
         self.durable = durable
@@ -85,7 +90,7 @@ class WorkerSide:
         self.tp_rank = tp_rank
         self.head_range = view.head_range(tp_rank)
         self.saver = view.is_saver(tp_rank)
-        self.kv: BlockPagedKV | None = None
+        self.kv: KVLayout | None = None
         self.engine: CacheEngine | None = None
         self.blend: "BlendWorker | None" = None  # enable_blending: set once the KV caches are registered
         self.stats = WorkerStats()
@@ -105,7 +110,13 @@ class WorkerSide:
             raise LayoutError(f"vLLM registered no KV cache for layer {missing[0]!r} of the KV cache config: "
                               f"got {sorted(kv_caches)[:4]}...")
         layers = [kv_caches[n] for n in self.view.layer_names]
-        kv = BlockPagedKV(layers, head_start=self.head_range[0])
+        if self.cpu_attention and self.view.geometry.kind == KIND_MHA:
+            from lmcache.adapters.vllm.cpu_layout import cpu_block_area
+
+            # vLLM's CPU attention packs each block its own way: measured, so chunks leave in the canonical format
+            kv: KVLayout = cpu_block_area(layers, self.head_range[0], self.kv_cache_dtype)
+        else:
+            kv = BlockPagedKV(layers, head_start=self.head_range[0])
         kv.check(self.view.geometry)  # one clear error now instead of one per step
         self.kv = kv
         self.engine = get_engine(self.config, self.view.identity, self.head_range, layers[0].device)

