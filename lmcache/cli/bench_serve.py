@@ -8,7 +8,13 @@ to the machine:
 - ``longdoc``: N documents of L tokens, each asked Q questions in shuffled order (the first question of
   a document is its cold request, the rest are warm);
 - ``chat``: U users, R rounds, the whole history re-sent each round (round 1 cold, later rounds warm);
-- ``unique``: every prompt new, so nothing can hit: lmcache's cost on a miss (the miss overhead).
+- ``unique``: every prompt new, so nothing can hit: lmcache's cost on a miss (the miss overhead);
+- ``rag``: a pool of D documents of L words; each request retrieves K of them in a shuffled order between a
+  fresh system text and a fresh question, separated by ``blend_special_str``: prefix caching cannot hit
+  past the first document, blending (``enable_blending``) reuses every document it has seen.
+
+A third endpoint, ``--blend-url`` (an engine with ``enable_blending``), runs next to the others; with
+``--launch tiny`` name it in ``--order`` (``blend,lmcache,baseline``).
 
 TTFT is the time to the first streamed token; with ``--output-tokens`` N > 2, ITL (inter-token latency) is the
 mean gap between the later tokens of the stream. The hit ratio is read from the lmcache endpoint's vLLM
@@ -106,6 +112,20 @@ def chat(words: Words, users: int, rounds: int, turn: int) -> list[Request]:
     return out
 
 
+def rag(words: Words, pool: int, length: int, retrieved: int, count: int, separator: str,
+        rng: random.Random) -> list[Request]:
+    docs = [words.text(length) for _ in range(pool)]
+    seen: set[int] = set()
+    out = []
+    for i in range(count):
+        picked = rng.sample(range(pool), min(retrieved, pool))
+        phase = "warm" if seen.issuperset(picked) else "cold"
+        seen.update(picked)
+        parts = [f"System: {words.text(16)}"] + [docs[d] for d in picked] + [f"Question: {words.text(16)}\nAnswer:"]
+        out.append(Request("rag", phase, length, f"rag {i} docs {picked}", separator.join(parts)))
+    return out
+
+
 def unique(words: Words, count: int, length: int) -> list[Request]:
     return [Request("unique", "unique", length, f"unique {i}", words.text(length)) for i in range(count)]
 
@@ -189,6 +209,11 @@ def summarize(rows: list[Row], endpoints: list[str]) -> list[dict]:
                      and r.outcomes["baseline"].ttft_s]
             # the median of per-pair ratios: each pair ran back to back, so machine noise mostly cancels
             entry["ttft_ratio_median"] = statistics.median(pairs) if pairs else None
+            if "blend" in endpoints:
+                pairs = [r.outcomes["blend"].ttft_s / r.outcomes["baseline"].ttft_s for r in members
+                         if r.outcomes.get("blend") and r.outcomes.get("baseline") and r.outcomes["blend"].ttft_s
+                         and r.outcomes["baseline"].ttft_s]
+                entry["blend_ttft_ratio_median"] = statistics.median(pairs) if pairs else None
         out.append(entry)
     return out
 
@@ -235,8 +260,10 @@ def build_requests(args: argparse.Namespace) -> list[Request]:
         requests += chat(words, args.users, args.rounds, args.turn_tokens)
     if "unique" in wanted or "all" in wanted:
         requests += unique(words, args.unique, args.unique_tokens)
+    if "rag" in wanted:  # not in "all": it is the blending workload
+        requests += rag(words, args.rag_pool, args.rag_doc_tokens, args.rag_docs, args.rag_requests, args.separator, rng)
     if not requests:
-        raise ValueError(f"--workload {args.workload!r}: use longdoc, chat, unique, a comma list of them, or all")
+        raise ValueError(f"--workload {args.workload!r}: use longdoc, chat, unique, rag, a comma list of them, or all")
     return requests
 
 
@@ -278,8 +305,9 @@ def run(args: argparse.Namespace, say) -> dict:
         rows = [Row(r) for r in requests]
         endpoints: dict[str, str] = {}
         hit_ratio = None
+        work_saved = None
         for name in args.order.split(","):
-            url, stop = launch_tiny(model_dir, name == "lmcache", args, say)
+            url, stop = launch_tiny(model_dir, name, args, say)
             endpoints[name] = url
             try:
                 model = args.model or served_model(url)
@@ -290,12 +318,17 @@ def run(args: argparse.Namespace, say) -> dict:
                     _progress(say, i, len(rows), row.request, [row.outcomes[name]])
                 if name == "lmcache":
                     hit_ratio = _ratio(before, _hits(url))
+                if name == "blend" and args.launch_dir:
+                    work_saved = blend_work_saved(Path(args.launch_dir) / "vllm-blend.log", model_dir, rows, args)
             finally:
                 stop()
     else:
         if not args.url:
             raise ValueError("give --url (an engine with lmcache) and --baseline-url (without it), or --launch tiny")
+        work_saved = None
         endpoints = {"lmcache": args.url}
+        if args.blend_url:
+            endpoints["blend"] = args.blend_url
         if args.baseline_url:
             endpoints["baseline"] = args.baseline_url
         model = args.model or served_model(args.url)
@@ -317,10 +350,32 @@ def run(args: argparse.Namespace, say) -> dict:
                      and s.get("ttft_ratio_median") is not None), None)
     plot_note = plot(rows, list(endpoints), args.plot) if args.plot else "no plot requested"
     return {"model": args.model or "served model", "endpoints": endpoints, "summary": summary, "hit_ratio": hit_ratio,
-            "miss_overhead": overhead, "sequential": bool(args.launch),
+            "miss_overhead": overhead, "blend_work_saved": work_saved, "sequential": bool(args.launch),
             "plot": args.plot if plot_note is None else None, "plot_note": plot_note,
             "requests": [{**asdict(r.request), "prompt": None, **{n: asdict(o) for n, o in r.outcomes.items()}}
                          for r in rows]}
+
+
+def blend_work_saved(log: Path, model_dir: str, rows: list[Row], args: argparse.Namespace) -> float | None:
+    """Share of the rag prompts' prefill layer work blending saved, from the blending engine's log lines
+    ("blended tokens [a, b) ...: c from cached segments, r recomputed") and the model's layer count."""
+    import re
+
+    from lmcache.cli.main import config_from_args
+
+    pattern = re.compile(r"blended tokens \[(\d+), (\d+)\) in [\d.]+ ms: \d+ from cached segments, (\d+) recomputed")
+    try:
+        text = log.read_text(errors="replace")
+        layers = int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, KeyError, ValueError):
+        return None
+    check = min(config_from_args(args).blend_check_layer + 1, layers)
+    saved = 0.0
+    for a, b, recomputed in pattern.findall(text):
+        region = int(b) - int(a)
+        saved += region - (check * region + (layers - check) * int(recomputed)) / layers
+    prompt_tokens = sum(o.prompt_tokens or 0 for r in rows for n, o in r.outcomes.items() if n == "blend")
+    return saved / prompt_tokens if prompt_tokens else None
 
 
 def _ratio(before: tuple, after: tuple) -> float | None:
@@ -339,6 +394,8 @@ def render(d: dict) -> None:
         cols += [f"{ep} TTFT p50", f"{ep} p95", f"{ep} in tok/s"] + ([f"{ep} ITL p50"] if itl else [])
     if "baseline" in eps:
         cols.append("lmcache / baseline")
+        if "blend" in eps:
+            cols.append("blend / baseline")
 
     def s(x):
         return "-" if x is None else f"{x:.3f}s"
@@ -353,13 +410,16 @@ def render(d: dict) -> None:
             if itl:
                 r.append("-" if m["itl_p50_s"] is None else f"{m['itl_p50_s'] * 1e3:.1f}ms")
         if "baseline" in eps:
-            ratio = e.get("ttft_ratio_median")
-            r.append("-" if ratio is None else f"{ratio:.3f}x")
+            for key in ("ttft_ratio_median", "blend_ttft_ratio_median") if "blend" in eps else ("ttft_ratio_median",):
+                ratio = e.get(key)
+                r.append("-" if ratio is None else f"{ratio:.3f}x")
         rows.append(r)
     table(f"lmcache bench serve: {d['model']} (TTFT = time to first token; ratio = median of back-to-back pairs)",
           cols, rows)
     if d["hit_ratio"] is not None:
         print(f"hit ratio at the lmcache endpoint (external prefix-cache hits / prompt tokens): {d['hit_ratio']:.1%}")
+    if d.get("blend_work_saved") is not None:
+        print(f"prefill layer work blending saved on its prompts (from its log): {d['blend_work_saved']:.1%}")
     if d["miss_overhead"] is not None:
         print(f"miss overhead (unique prompts, lmcache vs baseline TTFT, median of pairs): {d['miss_overhead']:+.1%}")
     print(f"plot: {d['plot']}" if d["plot"] else d["plot_note"])
@@ -377,9 +437,9 @@ def build_tiny(args: argparse.Namespace) -> str:
     return model
 
 
-def launch_tiny(model: str, with_lmcache: bool, args: argparse.Namespace, say):
-    """Start vLLM on the tiny model with this Python, with lmcache (its config: file, env, --set) or
-    without; returns (url, stop)."""
+def launch_tiny(model: str, name: str, args: argparse.Namespace, say):
+    """Start vLLM on the tiny model with this Python: ``lmcache`` (its config: file, env, --set), ``blend`` (the
+    same with enable_blending) or ``baseline`` (without lmcache); returns (url, stop)."""
     import shlex
     import subprocess
 
@@ -387,14 +447,17 @@ def launch_tiny(model: str, with_lmcache: bool, args: argparse.Namespace, say):
     from lmcache.cli.main import config_from_args
     from lmcache.server.launch import _free_port
 
+    with_lmcache = name != "baseline"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     port = _free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
             "--port", str(port), "--no-enable-prefix-caching", "--max-model-len", "32768", "--dtype", args.dtype]
     if with_lmcache:
-        argv += vllm_args(config_from_args(args))
-    say(("starting vLLM with lmcache: " if with_lmcache else "starting vLLM without lmcache: ") + shlex.join(argv))
-    log = (open(Path(args.launch_dir) / f"vllm-{'lmcache' if with_lmcache else 'baseline'}.log", "w")
+        config = config_from_args(args).replace(enable_blending=name == "blend")
+        argv += vllm_args(config)
+        env["LMCACHE_ENABLE_BLENDING"] = "1" if name == "blend" else "0"  # read by lmcache's vLLM plugin
+    say(f"starting vLLM ({name}): " + shlex.join(argv))
+    log = (open(Path(args.launch_dir) / f"vllm-{name}.log", "w")
            if args.launch_dir else subprocess.DEVNULL)
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -435,8 +498,10 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
                    "it, run again (needs vLLM in this Python), instead of --url/--baseline-url")
     p.add_argument("--launch-dir", help="with --launch: where to build the model and write the engines' logs")
     p.add_argument("--dtype", default="bfloat16", help="with --launch: the model's dtype (default bfloat16)")
-    p.add_argument("--order", default="lmcache,baseline", choices=("lmcache,baseline", "baseline,lmcache"),
-                   help="with --launch: which engine runs first (default lmcache,baseline)")
+    p.add_argument("--blend-url", help="an engine with lmcache and enable_blending (rag workload), a third endpoint")
+    p.add_argument("--order", default="lmcache,baseline",
+                   help="with --launch: the engines to start, one after the other, from lmcache, blend (lmcache with "
+                   "enable_blending) and baseline (default lmcache,baseline; rag: blend,lmcache,baseline)")
     p.add_argument("--model", help="model name to request (default: the first the endpoint lists)")
     p.add_argument("--workload", default="all", help="longdoc, chat, unique, a comma list, or all (default)")
     p.add_argument("--docs", type=int, default=3, help="longdoc: documents per length (default 3)")
@@ -447,6 +512,11 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--turn-tokens", type=int, default=400, help="chat: words per user turn (default 400)")
     p.add_argument("--unique", type=int, default=8, help="unique: prompts (default 8)")
     p.add_argument("--unique-tokens", type=int, default=4096, help="unique: words per prompt (default 4096)")
+    p.add_argument("--rag-pool", type=int, default=8, help="rag: documents in the pool (default 8)")
+    p.add_argument("--rag-docs", type=int, default=4, help="rag: documents retrieved per request (default 4)")
+    p.add_argument("--rag-doc-tokens", type=int, default=512, help="rag: words per document (default 512)")
+    p.add_argument("--rag-requests", type=int, default=12, help="rag: requests (default 12)")
+    p.add_argument("--separator", default=" # # ", help="rag: text between documents (blend_special_str, default ' # # ')")
     p.add_argument("--vocab-from", help="a model directory whose tokenizer.json vocabulary makes the prompts")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     p.add_argument("--output-tokens", type=int, default=2,
@@ -466,6 +536,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lmcache.cli.main import emit
 
     say = Progress(False)  # progress goes to stderr, so --json's stdout stays clean
+    names = args.order.split(",")
+    if any(n not in ("lmcache", "blend", "baseline") for n in names) or len(set(names)) != len(names):
+        raise SystemExit(f"lmcache bench serve: --order {args.order!r}: a comma list of distinct names from lmcache, blend, "
+                         "baseline")
     data = run(args, say)
     emit(args, data, render)
     return 0

@@ -317,20 +317,30 @@ def _area_index(kv: BlockAreaKV, slots: torch.Tensor) -> tuple[torch.Tensor, tor
     return slots // n, index[slots % n]
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as integers of the element's width: moves are bit-exact (NaN payloads, fp8) and every
+    index op exists for them."""
+    return t.view(_BITS[t.element_size()])
+
+
 def _gather_area(kv: BlockAreaKV, slots: torch.Tensor, out: torch.Tensor, layers: range) -> None:
     blocks, places = _area_index(kv, slots)
     heads = kv.num_heads
     for layer in layers:
-        area = kv.layers[layer].index_select(0, blocks)  # [T, H, A]
+        area = _bits(kv.layers[layer]).index_select(0, blocks)  # [T, H, A]
         rows = area.gather(2, places[:, None, :].expand(-1, heads, -1))  # [T, H, row]
-        out[:, layer].copy_(rows.permute(1, 0, 2))
+        _bits(out[:, layer]).copy_(rows.permute(1, 0, 2))
 
 
 def _scatter_area(kv: BlockAreaKV, slots: torch.Tensor, chunk: torch.Tensor, layers: range) -> None:
     blocks, places = _area_index(kv, slots)
     heads = torch.arange(kv.num_heads, device=slots.device)
     for layer in layers:
-        kv.layers[layer][blocks[:, None, None], heads[None, :, None], places[:, None, :]] = chunk[:, layer].permute(1, 0, 2)
+        _bits(kv.layers[layer])[blocks[:, None, None], heads[None, :, None], places[:, None, :]] = \
+            _bits(chunk[:, layer]).permute(1, 0, 2)
 
 
 def _gather_token_slots(kv: TokenSlotKV, slots: torch.Tensor, out: torch.Tensor, layers: range) -> None:

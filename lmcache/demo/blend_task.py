@@ -9,7 +9,7 @@ end of a document, y is the first symbol of the *next* document: the answer need
 know what came before it, which a document's KV computed on its own does not (it saw ``<s> # #`` before
 it). Those "boundary" questions measure cross-document attention; the others are controls.
 
-    python -m lmcache.demo.blend_task DIR [--steps 1200]
+    python -m lmcache.demo.blend_task DIR [--steps 2500]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Iterator
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 SEPARATOR = ["#", "#"]
-NUM_SYMBOLS = 96
+NUM_SYMBOLS = 64
 WORDS = SPECIALS + ["#", "Q", "A"] + [f"s{i}" for i in range(NUM_SYMBOLS)]
 COMMITTED = Path(__file__).parent / "blend_model"
 
@@ -90,7 +90,7 @@ def batches(shape: TaskShape, size: int, seed: int) -> Iterator[tuple["object", 
     while True:
         rows, masks = [], []
         for _ in range(size):
-            ex = sample(rng, shape, boundary_only=rng.random() < 0.3)
+            ex = sample(rng, shape, boundary_only=rng.random() < 0.5)
             seq = ex.context + question_tokens(ex)
             mask = [0] * len(ex.context) + [0, 0, 1] * len(ex.questions)  # loss on the answers only
             rows.append(seq)
@@ -98,7 +98,7 @@ def batches(shape: TaskShape, size: int, seed: int) -> Iterator[tuple["object", 
         yield torch.tensor(rows), torch.tensor(masks, dtype=torch.bool)
 
 
-def train(out: str | Path, *, steps: int = 1200, layers: int = 4, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
+def train(out: str | Path, *, steps: int = 2500, layers: int = 4, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
           seed: int = 0, shape: TaskShape = TaskShape(), log_every: int = 100) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -111,8 +111,8 @@ def train(out: str | Path, *, steps: int = 1200, layers: int = 4, hidden: int = 
                          max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
                          torch_dtype="float32")
     model = LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=max(0.05, 2 / steps))
     t0 = time.time()
     for step, (x, mask) in zip(range(steps), batches(shape, 32, seed)):
         logits = model(x[:, :-1]).logits
@@ -136,7 +136,7 @@ def train(out: str | Path, *, steps: int = 1200, layers: int = 4, hidden: int = 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lmcache.demo.blend_task", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="directory to write the trained model to")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     args = p.parse_args(argv)

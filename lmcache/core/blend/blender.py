@@ -57,9 +57,11 @@ class BlendSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError(f"blend recompute ratio {self.recompute_ratio}: must be in 0..1 (blend_recompute_ratio)")
-        if self.check_layer < 1 or self.min_recompute < 0:
-            raise ValueError(f"blend check layer {self.check_layer} / min recompute {self.min_recompute}: the check "
-                             "layer must be >= 1 (blend_check_layer), the minimum >= 0")
+        # check layer 0 is naive reuse (at layer 0 a cached key equals a fresh one: nothing deviates); evaluations
+        # use it as the no-recompute baseline, the config asks for >= 1
+        if self.check_layer < 0 or self.min_recompute < 0:
+            raise ValueError(f"blend check layer {self.check_layer} / min recompute {self.min_recompute}: both must be "
+                             ">= 0 (blend_check_layer, blend_recompute_min_tokens)")
 
 
 @dataclass
