@@ -100,3 +100,26 @@ def test_a_chunk_vllm_cpu_stores_holds_the_models_keys_and_values_in_the_canonic
     for layer in range(header.num_layers):
         torch.testing.assert_close(chunk[:, layer, :, :d], cache.layers[layer].keys[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(chunk[:, layer, :, d:], cache.layers[layer].values[0], atol=1e-4, rtol=1e-4)
+
+
+def test_bench_serve_rag_sends_shuffled_documents_and_reports_blending_next_to_the_other_endpoints(server):
+    """The rag workload's plumbing against the real engine (one blending engine stands in for all three
+    endpoints: the figures are the benchmark's to print, `lmcache bench serve --launch tiny --workload rag`)."""
+    import json
+    import subprocess
+    import sys
+
+    url = f"http://127.0.0.1:{server.port}"
+    before = len(blends(server))
+    r = subprocess.run([sys.executable, "-m", "lmcache.cli.main", "bench", "serve", "--url", url, "--blend-url", url,
+                        "--baseline-url", url, "--workload", "rag", "--rag-pool", "3", "--rag-docs", "2",
+                        "--rag-doc-tokens", "64", "--rag-requests", "4", "--warmup", "0", "--vocab-from", server.model,
+                        "--plot", "", "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert set(report["endpoints"]) == {"lmcache", "blend", "baseline"}
+    assert {s["phase"] for s in report["summary"]} <= {"cold", "warm"} and report["summary"]
+    for s in report["summary"]:
+        assert s["workload"] == "rag" and all(s[ep]["errors"] == 0 for ep in report["endpoints"])
+        assert s["blend_ttft_ratio_median"] > 0
+    assert len(blends(server)) > before  # documents seen before were blended into the later prompts

