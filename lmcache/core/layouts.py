@@ -19,8 +19,30 @@ class LayoutError(ValueError):
     """The engine's KV tensors do not match the model geometry; the message names what differs."""
 
 
+class _PerLayerTensors:
+    """What a layout whose ``layers`` are one tensor per layer, heads in dim 1, says of itself."""
+
+    layers: list[torch.Tensor]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_heads(self) -> int:
+        return self.layers[0].shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+
 @dataclass
-class BlockPagedKV:
+class BlockPagedKV(_PerLayerTensors):
     """Per-layer block views of logical shape ``[num_blocks, heads, block_size, row_dim]``.
 
     This is vLLM 0.33's ``register_kv_caches`` layout: K then V concatenated in the last dim (MLA: the
@@ -34,28 +56,12 @@ class BlockPagedKV:
     plan_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def num_heads(self) -> int:
-        return self.layers[0].shape[1]
-
-    @property
     def block_size(self) -> int:
         return self.layers[0].shape[2]
 
     @property
     def num_slots(self) -> int:
         return self.layers[0].shape[0] * self.layers[0].shape[2]
-
-    @property
-    def device(self) -> torch.device:
-        return self.layers[0].device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layers[0].dtype
 
     def check(self, geometry: KVGeometry) -> None:
         _check_common(self.layers, geometry, self.head_start, "BlockPagedKV")
@@ -121,7 +127,7 @@ class TokenSlotKV:
 
 
 @dataclass
-class BlockAreaKV:
+class BlockAreaKV(_PerLayerTensors):
     """Per-layer tensors ``[num_blocks, heads, area]``: a block's K and V of one head packed in an engine's own
     order, token t's K element d at ``k_index[t, d]`` of the area and its V element at ``v_index[t, d]``.
 
@@ -138,28 +144,12 @@ class BlockAreaKV:
     plan_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def num_heads(self) -> int:
-        return self.layers[0].shape[1]
-
-    @property
     def block_size(self) -> int:
         return self.k_index.shape[0]
 
     @property
     def num_slots(self) -> int:
         return self.layers[0].shape[0] * self.block_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.layers[0].device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layers[0].dtype
 
     def check(self, geometry: KVGeometry) -> None:
         _check_common(self.layers, geometry, self.head_start, "BlockAreaKV")

@@ -16,7 +16,7 @@ from typing import Any
 
 from lmcache.adapters.vllm.model import ModelView
 from lmcache.adapters.vllm.plan import BlendPlan, RequestPlan
-from lmcache.adapters.vllm.scheduler_side import Lookup, request_salt
+from lmcache.adapters.vllm.scheduler_side import Lookup, request_salt, walk_scheduled
 from lmcache.core.blend.segments import SegmentHasher, check_spans, split_spans
 from lmcache.core.config import LMCacheConfig
 
@@ -115,27 +115,7 @@ class BlendScheduler:
 
     def build_plans(self, scheduler_output: Any) -> list[RequestPlan]:
         plans: list[RequestPlan] = []
-        for preempted in scheduler_output.preempted_req_ids or ():
-            t = self._tracked.get(preempted)
-            if t is not None:
-                t.load, t.block_ids = None, []
-        for new in scheduler_output.scheduled_new_reqs:
-            t = self._tracked.get(new.req_id)
-            if t is not None:
-                t.block_ids = list(new.block_ids[0])
-                done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
-                self._plan(t, done, plans)
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, rid in enumerate(cached.req_ids):
-            t = self._tracked.get(rid)
-            if t is None:
-                continue
-            new_blocks = cached.new_block_ids[i]
-            if rid in cached.resumed_req_ids:
-                t.block_ids = list(new_blocks[0]) if new_blocks else []
-            elif new_blocks:
-                t.block_ids.extend(new_blocks[0])
-            done = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(rid, 0)
+        for t, done in walk_scheduled(scheduler_output, self._tracked):
             self._plan(t, done, plans)
         return plans
 

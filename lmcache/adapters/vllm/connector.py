@@ -162,10 +162,7 @@ class LMCacheConnector(KVConnectorBase_V1):
                                                 load=kv_role in ("kv_both", "kv_consumer"), save=save,
                                                 router_hash=self._router.block_hashes if self._router else None)
         else:
-            from lmcache.adapters.vllm.cpu_layout import is_cpu_attention
-
             self._worker = WorkerSide(config, self.view, tp_rank_of(vllm_config), durable=kv_role == "kv_producer",
-                                      cpu_attention=is_cpu_attention(vllm_config),
                                       kv_cache_dtype=str(getattr(vllm_config.cache_config, "cache_dtype", "auto")))
         log.info("lmcache connector (%s, %s mode): model %s, %d layers, chunk %d tokens", role.name.lower(),
                  config.mode, self.view.identity.model_name, self.view.geometry.num_layers, config.chunk_size)
@@ -264,6 +261,10 @@ class LMCacheConnector(KVConnectorBase_V1):
     # ============================== worker side ==============================
 
     def register_kv_caches(self, kv_caches) -> None:
+        from lmcache.adapters.vllm.cpu_layout import is_cpu_attention
+
+        # the model's attention layers exist by now: they say whether vLLM's CPU backend packs the blocks
+        self._worker.cpu_attention = is_cpu_attention(self._vllm_config, self.view.layer_names)
         self._worker.register_kv_caches(kv_caches)
         engine = self._worker.engine
         if self.config.mode == "inproc" and engine is not None and self._lookup_server is None:

@@ -21,13 +21,15 @@ from lmcache.core.layouts import BlockAreaKV
 log = logging.getLogger("lmcache")
 
 
-def is_cpu_attention(vllm_config: Any) -> bool:
-    """True when this worker's attention is vLLM's CPU backend (the CPU platform has no other for full attention)."""
-    try:
-        from vllm.platforms import current_platform
-    except ImportError:
-        return False
-    return bool(current_platform.is_cpu())
+def is_cpu_attention(vllm_config: Any, layer_names: tuple[str, ...]) -> bool:
+    """True when vLLM's CPU attention backend serves these layers (the attention modules vLLM registered for them
+    name their backend; none registered, e.g. a scheduler-only test harness: False)."""
+    context = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
+    for name in layer_names:
+        backend = getattr(context.get(name), "attn_backend", None)
+        if backend is not None:
+            return str(backend.get_name()) == "CPU_ATTN"
+    return False
 
 
 def _isa(dtype: torch.dtype, block_size: int, head_size: int, kv_cache_dtype: str) -> str:

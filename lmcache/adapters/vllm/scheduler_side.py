@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lmcache.adapters.vllm.model import ModelView
 from lmcache.adapters.vllm.plan import RequestPlan
@@ -48,6 +48,33 @@ def request_salt(config: LMCacheConfig, request: Any) -> str | None:
     if lora is not None:
         parts.append("lora:" + str(getattr(lora, "lora_name", lora)))
     return "\x1f".join(parts)
+
+
+def walk_scheduled(scheduler_output: Any, tracked: dict[str, Any]) -> Iterator[tuple[Any, int]]:
+    """The tracked requests this step schedules (new, then running), their ``block_ids`` brought up to date, each
+    with the number of its tokens computed once the step ends. A preempted request loses its blocks and its
+    pending ``load`` (a resume brings new blocks and a new load)."""
+    for preempted in scheduler_output.preempted_req_ids or ():
+        t = tracked.get(preempted)
+        if t is not None:
+            t.load = None
+            t.block_ids = []
+    for new in scheduler_output.scheduled_new_reqs:
+        t = tracked.get(new.req_id)
+        if t is not None:
+            t.block_ids = list(new.block_ids[0])
+            yield t, new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
+    cached = scheduler_output.scheduled_cached_reqs
+    for i, rid in enumerate(cached.req_ids):
+        t = tracked.get(rid)
+        if t is None:
+            continue
+        new_blocks = cached.new_block_ids[i]
+        if rid in cached.resumed_req_ids:
+            t.block_ids = list(new_blocks[0]) if new_blocks else []
+        elif new_blocks:
+            t.block_ids.extend(new_blocks[0])
+        yield t, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(rid, 0)
 
 
 class SchedulerSide:
@@ -114,29 +141,7 @@ class SchedulerSide:
 
     def build_plans(self, scheduler_output: Any) -> list[RequestPlan]:
         plans: list[RequestPlan] = []
-        for preempted in scheduler_output.preempted_req_ids or ():
-            t = self._tracked.get(preempted)
-            if t is not None:  # its blocks are gone; a resume brings new ones and a new load
-                t.load = None
-                t.block_ids = []
-        for new in scheduler_output.scheduled_new_reqs:
-            t = self._tracked.get(new.req_id)
-            if t is None:
-                continue
-            t.block_ids = list(new.block_ids[0])
-            done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
-            self._plan(t, done, plans)
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, rid in enumerate(cached.req_ids):
-            t = self._tracked.get(rid)
-            if t is None:
-                continue
-            new_blocks = cached.new_block_ids[i]
-            if rid in cached.resumed_req_ids:
-                t.block_ids = list(new_blocks[0]) if new_blocks else []
-            elif new_blocks:
-                t.block_ids.extend(new_blocks[0])
-            done = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(rid, 0)
+        for t, done in walk_scheduled(scheduler_output, self._tracked):
             self._plan(t, done, plans)
         return plans
 

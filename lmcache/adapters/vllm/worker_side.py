@@ -78,10 +78,11 @@ class WorkerSide:
     """
 
     def __init__(self, config: LMCacheConfig, view: ModelView, tp_rank: int, durable: bool = False,
-                 cpu_attention: bool = False, kv_cache_dtype: str = "auto") -> None:
+                 kv_cache_dtype: str = "auto") -> None:
         self.config = config
-        #: vLLM's CPU attention backend serves this worker: its blocks are packed (see cpu_layout)
-        self.cpu_attention = cpu_attention
+        #: vLLM's CPU attention backend serves this worker: its blocks are packed (see cpu_layout); the connector
+        #: sets it before register_kv_caches, when the model's attention layers exist
+        self.cpu_attention = False
         self.kv_cache_dtype = kv_cache_dtype
         #: a prefill instance (kv_producer): a request's chunks must have reached every tier (the remote one the
         #: decode instances read) before its answer leaves, so saves wait for the write-back queues
