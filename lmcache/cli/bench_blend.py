@@ -1,17 +1,18 @@
 """``lmcache bench blend``: what blending costs in answer quality, on a model whose attention was trained.
 
-The model (``lmcache.demo.blend_task``, committed under ``lmcache/demo/blend_model``) answers "which symbol
-follows x?" over documents separated by ``# #``. A *boundary* question (x ends a document) needs the next
-document's KV to know what preceded it: cross-document attention, which naive reuse loses. For each prompt:
+The model (``lmcache.demo.blend_task``, committed under ``lmcache/demo/blend_model``) reads documents separated
+by ``# #``, then after ``Q`` says their text again, each symbol predicted from the context. A *boundary*
+symbol (one that opens a document after the first) follows the last symbol of the document before it: only a
+context whose KV knows where each document sits predicts it. For each prompt:
 
 * full prefill: the whole context computed at once (the reference);
 * naive reuse: each document's KV as a warm-up request ``<s> # # doc`` left it, moved to its new position,
   nothing recomputed (separators computed over it);
 * blend at each ratio: the same cache, ``ratio`` of the cached tokens recomputed from the check layer on.
 
-Reported per configuration: boundary and control accuracy, mean log-likelihood of the right answer, and the
-share of a full prefill's layer work done; then the share of the naive-to-full gap each ratio recovers, and
-on a random-weight model the largest last-token logit deviation from a full prefill per ratio.
+Reported per configuration: boundary and control accuracy, mean log-likelihood of the right symbols, and the
+share of a full prefill's layer work done; the share of the naive-to-full gap each ratio recovers; and, on a
+random-weight model, the largest last-token logit deviation from a full prefill per ratio.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ RATIOS = (0.05, 0.15, 0.30)
 def add_parser(bsub: argparse._SubParsersAction) -> None:
     b = bsub.add_parser("blend", help="answer quality of blending vs full prefill and naive reuse, on a trained model")
     b.add_argument("--model", help="a model trained by python -m lmcache.demo.blend_task (default: the committed one)")
-    b.add_argument("--prompts", type=int, default=200, help="prompts evaluated (default 200)")
+    b.add_argument("--prompts", type=int, default=100, help="prompts evaluated (default 100)")
     b.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="recompute ratios (default 0.05,0.15,0.3)")
     b.add_argument("--check-layer", type=int, default=1, help="blend_check_layer (default 1)")
     b.add_argument("--seed", type=int, default=1234)
@@ -41,26 +42,28 @@ def evaluate(model_dir: str | Path, prompts: int, ratios: list[float], check_lay
 
     from lmcache.core.blend.blender import BlendSettings, blend
     from lmcache.core.blend.reference import ReferenceLlama
-    from lmcache.demo.blend_task import SEPARATOR, TaskShape, sample, vocab
+    from lmcache.demo.blend_task import SEPARATOR, TaskShape, boundaries, sample, vocab
 
     ref = ReferenceLlama.load(model_dir)
     task = json.loads((Path(model_dir) / "blend-task.json").read_text())
-    shape = TaskShape(task["docs"], task["doc_len"], task["questions"])
+    shape = TaskShape(task["docs"], task["doc_len"])
     v = vocab()
     warm_prefix = [v["<s>"]] + [v[w] for w in SEPARATOR]
     configs = ["full", "naive"] + [f"blend {r:.0%}" for r in ratios]
     tally = {c: {"boundary": [0, 0], "control": [0, 0], "loglik": 0.0, "questions": 0, "work": 0.0} for c in configs}
+    edge = torch.zeros(shape.docs * shape.doc_len, dtype=torch.bool)
+    edge[boundaries(shape)] = True
     rng = random.Random(seed)
     for i in range(prompts):
-        ex = sample(rng, shape, boundary_only=i % 2 == 0)
+        ex = sample(rng, shape)
         context = torch.tensor(ex.context)
         n = len(ex.context)
         cached_k = [torch.zeros(n, ref.kv_heads, ref.head_dim) for _ in range(ref.num_layers)]
         cached_v = [torch.zeros(n, ref.kv_heads, ref.head_dim) for _ in range(ref.num_layers)]
         cached = torch.zeros(n, dtype=torch.bool)
-        for s, e in ex.doc_spans:  # the warm-up request's KV of the document, moved from position len(prefix) to s
+        w = len(warm_prefix)
+        for s, e in ex.doc_spans:  # the warm-up request's KV of the document, moved from position w to s
             _, k, vv = ref.forward(torch.tensor(warm_prefix + ex.context[s:e]))
-            w = len(warm_prefix)
             for layer in range(ref.num_layers):
                 cached_k[layer][s:e] = ref.rope.rotate(k[layer][w:], torch.full((e - s,), s - w))
                 cached_v[layer][s:e] = vv[layer][w:]
@@ -71,17 +74,21 @@ def evaluate(model_dir: str | Path, prompts: int, ratios: list[float], check_lay
         for r in ratios:
             result = blend(ref, context, cached_k, cached_v, cached, BlendSettings(r, 0, check_layer))
             caches[f"blend {r:.0%}"] = (result.k, result.v, result.compute_fraction)
+        text = torch.tensor(ex.text)
         for name, (ks, vs, work) in caches.items():
             t = tally[name]
             t["work"] += work
-            for x, y, boundary in ex.questions:
-                logits, _, _ = ref.forward(torch.tensor([v["Q"], x]), ks, vs)
-                logp = logits[-1].log_softmax(-1)
-                kind = "boundary" if boundary else "control"
-                t[kind][0] += int(int(logp.argmax()) == y)
-                t[kind][1] += 1
-                t["loglik"] += float(logp[y])
-                t["questions"] += 1
+            logits, _, _ = ref.forward(torch.cat([torch.tensor([v["Q"]]), text]), ks, vs)
+            logp = logits[:-1].log_softmax(-1)  # row j predicts text[j]
+            right = logp.argmax(-1) == text
+            # the first symbol has nothing before it in the text: not asked
+            for kind, where in (("boundary", edge), ("control", ~edge)):
+                where = where.clone()
+                where[0] = False
+                t[kind][0] += int(right[where].sum())
+                t[kind][1] += int(where.sum())
+            t["loglik"] += float(logp[1:].gather(1, text[1:, None]).sum())
+            t["questions"] += len(ex.text) - 1
         if progress:
             progress(i + 1, prompts)
     rows = {}
@@ -99,7 +106,7 @@ def evaluate(model_dir: str | Path, prompts: int, ratios: list[float], check_lay
                 gap = full[metric] - naive[metric]
                 rows[name][f"{metric}_gap_recovered"] = (rows[name][metric] - naive[metric]) / gap if gap else None
     return {"model": str(model_dir), "prompts": prompts, "check_layer": check_layer, "configurations": rows,
-            "random_model_logit_deviation": random_model_deviation([0.0, *ratios, 0.5, 1.0], check_layer)}
+            "random_model_logit_deviation": random_model_deviation(sorted({0.0, *ratios, 0.5, 1.0}), check_layer)}
 
 
 def random_model_deviation(ratios: list[float], check_layer: int = 1, seed: int = 0) -> dict[str, float]:
@@ -166,7 +173,7 @@ def cmd_blend(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"blending quality on {model} ({args.prompts} prompts, check layer {args.check_layer})")
-    print(f"{'configuration':<14} {'boundary acc':>12} {'control acc':>11} {'answer loglik':>13} {'layer work':>10} "
+    print(f"{'configuration':<14} {'boundary acc':>12} {'control acc':>11} {'symbol loglik':>13} {'layer work':>10} "
           f"{'gap recovered (acc / loglik)':>29}")
     for name, row in result["configurations"].items():
         rec = ""
