@@ -107,13 +107,13 @@ def test_bench_serve_launches_the_demo_and_measures_lmcache_against_the_same_eng
 
     plot = tmp_path / "ttft.png"
     r = subprocess.run([PYTHON, "-m", "lmcache.cli.main", "bench", "serve", "--launch", "tiny", "--launch-dir",
-                        str(tmp_path), "--dtype", "float32", "--docs", "2", "--doc-tokens", "600", "--questions", "2",
-                        "--users", "1", "--rounds", "2", "--turn-tokens", "300", "--unique", "2", "--unique-tokens", "300",
+                        str(tmp_path), "--dtype", "float32", "--docs", "1", "--doc-tokens", "600", "--questions", "2",
+                        "--users", "1", "--rounds", "2", "--turn-tokens", "300", "--unique", "1", "--unique-tokens", "300",
                         "--warmup", "1", "--plot", str(plot), "--json"],
                        capture_output=True, text=True, timeout=1100, env=clean_env())
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
-    assert "[8/8] unique unique unique 1: lmcache" in r.stderr and "[8/8] unique unique unique 1: baseline" in r.stderr
+    assert "[5/5] unique unique unique 0: lmcache" in r.stderr and "[5/5] unique unique unique 0: baseline" in r.stderr
     assert set(report["endpoints"]) == {"lmcache", "baseline"}
     rows = {(s["workload"], s["phase"]): s for s in report["summary"]}
     assert set(rows) == {("longdoc", "cold"), ("longdoc", "warm"), ("chat", "cold"), ("chat", "warm"),
