@@ -50,3 +50,20 @@ def test_index_maps_that_do_not_place_every_element_once_are_refused():
     kv.v_index[0, 0] = kv.k_index[0, 0]
     with pytest.raises(LayoutError, match="exactly once"):
         kv.check(geometry)
+
+
+def test_the_vllm_adapter_takes_the_cpu_layout_only_where_vllms_cpu_attention_serves_the_layers():
+    from types import SimpleNamespace
+
+    from lmcache.adapters.vllm.cpu_layout import cpu_attention
+
+    def config(backend_name: str | None, isa: str | None = None):
+        layer = SimpleNamespace(attn_backend=SimpleNamespace(get_name=lambda: backend_name), isa=isa) if backend_name else None
+        context = {"model.layers.0.self_attn.attn": layer} if layer else {}
+        return SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context=context))
+
+    names = ("model.layers.0.self_attn.attn",)
+    assert cpu_attention(config("CPU_ATTN", "vec"), names) == (True, "vec")
+    assert cpu_attention(config("CPU_ATTN"), names) == (True, None)
+    assert cpu_attention(config("FLASH_ATTN"), names) == (False, None)
+    assert cpu_attention(config(None), names) == (False, None)  # no attention modules: a scheduler-only harness

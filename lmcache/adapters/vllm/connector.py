@@ -261,10 +261,10 @@ class LMCacheConnector(KVConnectorBase_V1):
     # ============================== worker side ==============================
 
     def register_kv_caches(self, kv_caches) -> None:
-        from lmcache.adapters.vllm.cpu_layout import is_cpu_attention
+        from lmcache.adapters.vllm.cpu_layout import cpu_attention
 
-        # the model's attention layers exist by now: they say whether vLLM's CPU backend packs the blocks
-        self._worker.cpu_attention = is_cpu_attention(self._vllm_config, self.view.layer_names)
+        # the model's attention layers exist by now: they say whether vLLM's CPU backend packs the blocks, and how
+        self._worker.cpu_attention, self._worker.cpu_isa = cpu_attention(self._vllm_config, self.view.layer_names)
         self._worker.register_kv_caches(kv_caches)
         engine = self._worker.engine
         if self.config.mode == "inproc" and engine is not None and self._lookup_server is None:

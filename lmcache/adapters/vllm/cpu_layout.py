@@ -21,15 +21,18 @@ from lmcache.core.layouts import BlockAreaKV
 log = logging.getLogger("lmcache")
 
 
-def is_cpu_attention(vllm_config: Any, layer_names: tuple[str, ...]) -> bool:
-    """True when vLLM's CPU attention backend serves these layers (the attention modules vLLM registered for them
-    name their backend; none registered, e.g. a scheduler-only test harness: False)."""
+def cpu_attention(vllm_config: Any, layer_names: tuple[str, ...]) -> tuple[bool, str | None]:
+    """(whether vLLM's CPU attention backend serves these layers, the instruction set its layers were given if
+    already known). The attention modules vLLM registered for the layers name their backend; none registered
+    (e.g. a scheduler-only test harness): not the CPU backend."""
     context = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
     for name in layer_names:
-        backend = getattr(context.get(name), "attn_backend", None)
+        layer = context.get(name)
+        backend = getattr(layer, "attn_backend", None)
         if backend is not None:
-            return str(backend.get_name()) == "CPU_ATTN"
-    return False
+            isa = getattr(layer, "isa", None)
+            return str(backend.get_name()) == "CPU_ATTN", str(isa) if isa else None
+    return False, None
 
 
 def _isa(dtype: torch.dtype, block_size: int, head_size: int, kv_cache_dtype: str) -> str:
@@ -41,11 +44,13 @@ def _isa(dtype: torch.dtype, block_size: int, head_size: int, kv_cache_dtype: st
         return str(_get_attn_isa(dtype, block_size))
 
 
-def measure(dtype: torch.dtype, block_size: int, head_size: int, kv_cache_dtype: str = "auto") -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(k_index, v_index, isa): where the backend's write op puts token t's channel d of K and of V in a block."""
+def measure(dtype: torch.dtype, block_size: int, head_size: int, kv_cache_dtype: str = "auto",
+            isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(k_index, v_index, isa): where the backend's write op puts token t's channel d of K and of V in a block, for
+    the instruction set the layers use (``isa``; None: the one the backend would pick)."""
     from vllm import _custom_ops as ops
 
-    isa = _isa(dtype, block_size, head_size, kv_cache_dtype)
+    isa = isa or _isa(dtype, block_size, head_size, kv_cache_dtype)
     n, d = block_size, head_size
     if max(n, d) > 256:
         raise UnsupportedModel(f"measuring vLLM's CPU KV layout needs block_size and head_size <= 256 (got {n}, {d})")
@@ -70,7 +75,8 @@ def measure(dtype: torch.dtype, block_size: int, head_size: int, kv_cache_dtype:
     return k_index, v_index, isa
 
 
-def cpu_block_area(layers: list[torch.Tensor], head_start: int, kv_cache_dtype: str = "auto") -> BlockAreaKV:
+def cpu_block_area(layers: list[torch.Tensor], head_start: int, kv_cache_dtype: str = "auto",
+                   isa: str | None = None) -> BlockAreaKV:
     """The registered CPU-attention caches as a ``BlockAreaKV`` (K and V of the same head size)."""
     blocks, heads, n, row = layers[0].shape
     if kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
@@ -78,6 +84,6 @@ def cpu_block_area(layers: list[torch.Tensor], head_start: int, kv_cache_dtype: 
                                "dtype's KV only; drop --kv-cache-dtype or the connector")
     if row % 2:
         raise UnsupportedModel(f"vLLM's CPU attention cache rows are {row} wide: expected 2 * head_size")
-    k_index, v_index, isa = measure(layers[0].dtype, n, row // 2, kv_cache_dtype)
+    k_index, v_index, isa = measure(layers[0].dtype, n, row // 2, kv_cache_dtype, isa)
     log.debug("lmcache: vLLM CPU attention (isa %s): block layout measured", isa)
     return BlockAreaKV([t.reshape(blocks, heads, n * row) for t in layers], k_index, v_index, head_start)

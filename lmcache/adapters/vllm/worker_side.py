@@ -83,6 +83,7 @@ class WorkerSide:
         #: vLLM's CPU attention backend serves this worker: its blocks are packed (see cpu_layout); the connector
         #: sets it before register_kv_caches, when the model's attention layers exist
         self.cpu_attention = False
+        self.cpu_isa: str | None = None  # the instruction set vLLM gave its CPU attention layers, where known
         self.kv_cache_dtype = kv_cache_dtype
         #: a prefill instance (kv_producer): a request's chunks must have reached every tier (the remote one the
         #: decode instances read) before its answer leaves, so saves wait for the write-back queues
@@ -115,7 +116,7 @@ class WorkerSide:
             from lmcache.adapters.vllm.cpu_layout import cpu_block_area
 
             # vLLM's CPU attention packs each block its own way: measured, so chunks leave in the canonical format
-            kv: KVLayout = cpu_block_area(layers, self.head_range[0], self.kv_cache_dtype)
+            kv: KVLayout = cpu_block_area(layers, self.head_range[0], self.kv_cache_dtype, self.cpu_isa)
         else:
             kv = BlockPagedKV(layers, head_start=self.head_range[0])
         kv.check(self.view.geometry)  # one clear error now instead of one per step
