@@ -3,7 +3,7 @@ block really is.
 
 The backend registers ``[blocks, kv_heads, block_size, 2 * head_size]`` tensors but reads them as
 ``[blocks, kv_heads, 2 * block_size, head_size]`` split in two: a block's keys, then its values, and it
-writes the keys in an order of its instruction set's choosing (transposed for "vec", tiled for "amx").
+writes the keys in an order of its instruction set's choosing (measured: transposed for "vec").
 Rather than hard-code one order per ISA, the order is measured at start with the backend's own write op on
 a scratch block: tokens and channels are written as their own indices and read back.
 """
