@@ -15,9 +15,10 @@ from typing import Any, Callable
 import torch
 
 from lmcache.core.geometry import MODEL_SHAPES, KVGeometry, ModelIdentity, model_shape
-from lmcache.core.layouts import BlockPagedKV, KVLayout, TokenSlotKV
+from lmcache.core.layouts import BlockAreaKV, BlockPagedKV, KVLayout, TokenSlotKV
 
-LAYOUTS = ("vllm-lbnhc", "vllm-lbhnc", "sglang")
+# vllm-cpu: vLLM's CPU attention memory (BlockAreaKV), keys transposed inside each block as its "vec" ISA writes them
+LAYOUTS = ("vllm-lbnhc", "vllm-lbhnc", "sglang", "vllm-cpu")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +109,14 @@ def make_layout(geometry: KVGeometry, kind: str, num_slots: int, block_size: int
             storage = torch.empty(2, L, B * block_size, H, max(geometry.k_dim, geometry.v_dim), dtype=geometry.dtype, device=device)
             layout = TokenSlotKV([storage[0, l, :, :, : geometry.k_dim] for l in range(L)],
                                  [storage[1, l, :, :, : geometry.v_dim] for l in range(L)])
+    elif kind == "vllm-cpu":
+        if geometry.kind == "mla":
+            raise ValueError("--layout vllm-cpu holds per-head K and V: pick a non-MLA --model-shape")
+        kd, vd, n = geometry.k_dim, geometry.v_dim, block_size
+        storage = torch.empty(L, B, H, n * (kd + vd), dtype=geometry.dtype, device=device)
+        k_index = torch.arange(kd)[None, :] * n + torch.arange(n)[:, None]
+        v_index = n * kd + torch.arange(n)[:, None] * vd + torch.arange(vd)[None, :]
+        layout = BlockAreaKV([storage[l] for l in range(L)], k_index, v_index)
     elif kind == "vllm-lbnhc":
         storage = torch.empty(L, B, block_size, H, C, dtype=geometry.dtype, device=device)
         layout = BlockPagedKV([storage[l].permute(0, 2, 1, 3) for l in range(L)])
@@ -258,6 +267,10 @@ def _transfer_mp(cfg, geometry, args, prompt, src, src_slots, dst, dst_storage, 
 
 def _verify(src: KVLayout, src_slots: torch.Tensor, dst: KVLayout, dst_slots: torch.Tensor) -> bool:
     def tokens_of(kv: KVLayout, slots: torch.Tensor, layer: int) -> torch.Tensor:
+        if isinstance(kv, BlockAreaKV):
+            n, places = kv.block_size, torch.cat([kv.k_index, kv.v_index], dim=1).to(slots.device)
+            heads = torch.arange(kv.num_heads, device=slots.device)
+            return kv.layers[layer][(slots // n)[:, None, None], heads[None, :, None], places[slots % n][:, None, :]]
         if isinstance(kv, BlockPagedKV):
             n = kv.block_size
             return kv.layers[layer][slots // n, :, slots % n, :]
@@ -267,7 +280,7 @@ def _verify(src: KVLayout, src_slots: torch.Tensor, dst: KVLayout, dst_slots: to
     def raw(t: torch.Tensor) -> torch.Tensor:  # compare bits, not values: random bits include NaNs
         return t.contiguous().view(torch.uint8)
 
-    layers = len(src.layers) if isinstance(src, BlockPagedKV) else len(src.k)
+    layers = src.num_layers
     return all(torch.equal(raw(tokens_of(src, src_slots, l)), raw(tokens_of(dst, dst_slots, l))) for l in range(layers))
 
 

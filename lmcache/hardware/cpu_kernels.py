@@ -1,0 +1,360 @@
+"""CPU copy kernels (numba, compiled at first use): canonical chunks <-> engine KV memory in host RAM.
+
+Why not torch's index ops: they store with ordinary writes, so a gather or scatter of 512-byte rows reads
+every destination cache line before overwriting it (read-for-ownership) and moves ~1.5x the bytes - about
+2/3 of a ``memcpy``, which streams large copies with non-temporal stores (measured). These kernels write whole
+aligned 32-byte vectors with non-temporal stores and walk the strided side in its memory order, so a layout
+conversion runs at or above the speed of a flat copy of the same bytes. vLLM's CPU attention layout
+(``BlockAreaKV``: keys transposed inside a block) moves element runs with the same kernels.
+
+Nothing is built against torch: numba compiles these for the installed numpy and LLVM; the compiled code is
+cached next to this file when it is writable. ``IMPORT_ERROR`` says why the kernels cannot be used.
+
+Invariant: the kernels dereference raw addresses, so every address range a call touches is checked here,
+against the storage of the tensors involved, before the call: a wrong offset raises instead of corrupting
+memory. Chunks are ``[heads, layers, tokens, row]`` contiguous (``chunk_format``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmcache.core.layouts import BlockAreaKV, BlockPagedKV, KVLayout, TokenSlotKV
+
+IMPORT_ERROR: str | None = None
+try:
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+except Exception as e:  # pragma: no cover - numba is a dependency; a broken install lands here
+    IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+if IMPORT_ERROR is None:
+
+    def _mem_op(width: int, nontemporal: bool):
+        """An intrinsic copying ``width`` bytes from one address to another (non-temporal store: the
+        destination must be ``width``-aligned, which callers check)."""
+
+        @intrinsic
+        def op(typingctx, dst, src):
+            sig = types.void(types.uintp, types.uintp)
+
+            def codegen(context, builder, signature, args):
+                d, s = args
+                ty = ir.VectorType(ir.IntType(64), 4) if width == 32 else ir.IntType(8 * width)
+                value = builder.load(builder.inttoptr(s, ty.as_pointer()), align=1)
+                store = builder.store(value, builder.inttoptr(d, ty.as_pointer()), align=width if nontemporal else 1)
+                if nontemporal:
+                    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return op
+
+    _nt32 = _mem_op(32, True)
+    _mv32, _mv8, _mv4, _mv2, _mv1 = (_mem_op(w, False) for w in (32, 8, 4, 2, 1))
+
+    @intrinsic
+    def _fence(typingctx):
+        """Orders the non-temporal stores before anything after the kernel (they are weakly ordered)."""
+
+        def codegen(context, builder, signature, args):
+            builder.fence("seq_cst")
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    @njit(nogil=True, cache=True)
+    def _copy(d, s, n):
+        if n >= 64 and (d & 31) == 0:  # whole aligned vectors: streamed, no read of the destination
+            while n >= 32:
+                _nt32(d, s)
+                d += 32
+                s += 32
+                n -= 32
+        while n >= 32:
+            _mv32(d, s)
+            d += 32
+            s += 32
+            n -= 32
+        while n >= 8:
+            _mv8(d, s)
+            d += 8
+            s += 8
+            n -= 8
+        while n >= 4:
+            _mv4(d, s)
+            d += 4
+            s += 4
+            n -= 4
+        while n >= 2:
+            _mv2(d, s)
+            d += 2
+            s += 2
+            n -= 2
+        if n:
+            _mv1(d, s)
+
+    @njit(nogil=True, cache=True)
+    def _rows_gather(base, head_stride, width, at, slot_off, l0, l1, chunk, num_layers, row):
+        """Engine -> chunk. Row (head h, layer l, token t) of segment s sits at ``base[s, l] + h *
+        head_stride[s] + slot_off[s, t]`` and goes to ``chunk`` at ``((h*L + l)*T + t)*row + at[s]``.
+        Walks layer, segment, token, head: the engine's memory order for every layout we know."""
+        segments, tokens = slot_off.shape
+        heads = head_stride.shape[1]
+        for l in range(l0, l1):
+            for s in range(segments):
+                for t in range(tokens):
+                    src = base[s, l] + slot_off[s, t]
+                    for h in range(heads):
+                        _copy(chunk + ((h * num_layers + l) * tokens + t) * row + at[s], src + head_stride[s, h], width[s])
+        _fence()
+
+    @njit(nogil=True, cache=True)
+    def _rows_scatter(base, head_stride, width, at, slot_off, l0, l1, chunk, num_layers, row):
+        """Chunk -> engine, the reverse of ``_rows_gather``, walking the chunk in its memory order."""
+        segments, tokens = slot_off.shape
+        heads = head_stride.shape[1]
+        for h in range(heads):
+            for l in range(l0, l1):
+                for t in range(tokens):
+                    src = chunk + ((h * num_layers + l) * tokens + t) * row
+                    for s in range(segments):
+                        _copy(base[s, l] + head_stride[s, h] + slot_off[s, t], src + at[s], width[s])
+        _fence()
+
+    @njit(nogil=True, cache=True)
+    def _area(base, head_stride, block_off, in_block, run_src, run_dst, run_len, runs, l0, l1, chunk, num_layers,
+              row, to_chunk):
+        """BlockAreaKV <-> chunk. Token t's element runs: for run r of its in-block position p, bytes
+        ``run_len[p, r]`` at area offset ``run_src[p, r]`` <-> row offset ``run_dst[p, r]``."""
+        tokens = block_off.shape[0]
+        heads = head_stride.shape[0]
+        for l in range(l0, l1):
+            for t in range(tokens):
+                p = in_block[t]
+                for h in range(heads):
+                    area = base[l] + block_off[t] + head_stride[h]
+                    line = chunk + ((h * num_layers + l) * tokens + t) * row
+                    for r in range(runs[p]):
+                        n = run_len[p, r]
+                        d, s = (line + run_dst[p, r], area + run_src[p, r]) if to_chunk else \
+                            (area + run_src[p, r], line + run_dst[p, r])
+                        if n == 2:  # one bf16/fp16 element (transposed keys): no general copy's tests
+                            _mv2(d, s)
+                        else:
+                            _copy(d, s, n)
+        _fence()
+
+
+class KernelRefused(ValueError):
+    """This memory cannot be moved by the kernels (the reason says why); the torch reference moves it."""
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses of ``t``'s storage."""
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _reach(t: torch.Tensor) -> tuple[int, int]:
+    """[lowest, highest) byte addresses a view can touch (non-negative strides)."""
+    if any(s < 0 for s in t.stride()):
+        raise KernelRefused("a negative stride")
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _inside(views: list[torch.Tensor]) -> None:
+    for v in views:
+        lo, hi = _reach(v)
+        s_lo, s_hi = _extent(v)
+        if lo < s_lo or hi > s_hi:
+            raise KernelRefused("a view reaches outside its storage")
+
+
+@dataclass(frozen=True)
+class RowProgram:
+    """A BlockPagedKV or TokenSlotKV as byte-addressed rows: a canonical row is ``segments`` runs (K|V, or one)
+    whose address is ``base[s, layer] + head_stride[s, head] + slot offset``; the slot offset is affine in the
+    slot's block and in-block index (``block_size`` 1: token pools)."""
+
+    base: np.ndarray  # [S, L] int64
+    head_stride: np.ndarray  # [S, H] int64: head h's byte offset
+    width: np.ndarray  # [S] bytes
+    at: np.ndarray  # [S] byte offset inside the canonical row
+    block_stride: np.ndarray  # [S] bytes
+    token_stride: np.ndarray  # [S] bytes
+    block_size: int
+    row: int  # canonical row bytes
+    num_slots: int
+
+    def slot_offsets(self, slots: torch.Tensor) -> np.ndarray:
+        s = slots.numpy().astype(np.int64, copy=False)
+        n = self.block_size
+        return (s // n)[None, :] * self.block_stride[:, None] + (s % n)[None, :] * self.token_stride[:, None]
+
+
+@dataclass(frozen=True)
+class AreaProgram:
+    """A BlockAreaKV: per-layer base addresses, block and head strides, and per in-block position the byte runs
+    its K then V elements form in the area (contiguous elements merged: V rows are one run, transposed keys
+    one run per element)."""
+
+    base: np.ndarray  # [L] int64
+    head_stride: np.ndarray  # [H] int64
+    block_stride: int
+    block_size: int
+    run_src: np.ndarray  # [N, R] int64
+    run_dst: np.ndarray
+    run_len: np.ndarray
+    runs: np.ndarray  # [N] int64
+    row: int
+    num_slots: int
+
+
+def _layer_strides(tensors: list[torch.Tensor], what: str) -> tuple[int, ...]:
+    stride = tensors[0].stride()
+    if any(t.stride() != stride for t in tensors):
+        raise KernelRefused(f"{what} layers have different strides")
+    if stride[-1] != 1:
+        raise KernelRefused(f"{what} rows are not contiguous")
+    return stride
+
+
+def build(kv: KVLayout) -> RowProgram | AreaProgram:
+    """The kernel program for ``kv`` (host memory), or KernelRefused with the reason."""
+    if kv.device.type != "cpu":
+        raise KernelRefused(f"the KV memory is on {kv.device}")
+    if isinstance(kv, BlockAreaKV):
+        return _build_area(kv)
+    if isinstance(kv, BlockPagedKV):
+        t0 = kv.layers[0]
+        sb, sh, sn, _ = _layer_strides(kv.layers, "BlockPagedKV")
+        _inside(kv.layers)
+        e = t0.element_size()
+        return RowProgram(
+            base=np.array([[t.data_ptr() for t in kv.layers]], dtype=np.int64),
+            head_stride=np.arange(kv.num_heads, dtype=np.int64)[None, :] * (sh * e),
+            width=np.array([t0.shape[3] * e], dtype=np.int64), at=np.zeros(1, dtype=np.int64),
+            block_stride=np.array([sb * e], dtype=np.int64), token_stride=np.array([sn * e], dtype=np.int64),
+            block_size=kv.block_size, row=t0.shape[3] * e, num_slots=kv.num_slots)
+    assert isinstance(kv, TokenSlotKV)
+    parts = [kv.k] if kv.v is None else [kv.k, kv.v]
+    strides = [_layer_strides(p, name) for p, name in zip(parts, ("K", "V"))]
+    _inside([t for p in parts for t in p])
+    e = kv.k[0].element_size()
+    widths = [p[0].shape[2] * e for p in parts]
+    return RowProgram(
+        base=np.array([[t.data_ptr() for t in p] for p in parts], dtype=np.int64),
+        head_stride=np.stack([np.arange(kv.num_heads, dtype=np.int64) * (st[1] * e) for st in strides]),
+        width=np.array(widths, dtype=np.int64), at=np.array([0, *widths[:-1]], dtype=np.int64),
+        block_stride=np.array([st[0] * e for st in strides], dtype=np.int64),
+        token_stride=np.zeros(len(parts), dtype=np.int64), block_size=1, row=sum(widths), num_slots=kv.num_slots)
+
+
+def _build_area(kv: BlockAreaKV) -> AreaProgram:
+    sb, sh, sa = _layer_strides(kv.layers, "BlockAreaKV")
+    _inside(kv.layers)
+    e = kv.layers[0].element_size()
+    places = torch.cat([kv.k_index, kv.v_index], dim=1).to("cpu", torch.int64)  # [N, row elements]
+    if int(places.min()) < 0 or int(places.max()) >= kv.layers[0].shape[2]:
+        raise KernelRefused("an index map points outside the block area")
+    src_runs, dst_runs, len_runs = [], [], []
+    for p in range(kv.block_size):
+        idx = places[p].tolist()
+        runs: list[list[int]] = []
+        for d, a in enumerate(idx):
+            if runs and a == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+                runs[-1][2] += 1
+            else:
+                runs.append([a, d, 1])
+        src_runs.append([r[0] * e for r in runs])
+        dst_runs.append([r[1] * e for r in runs])
+        len_runs.append([r[2] * e for r in runs])
+    most = max(len(r) for r in src_runs)
+
+    def table(rows: list[list[int]]) -> np.ndarray:
+        return np.array([r + [0] * (most - len(r)) for r in rows], dtype=np.int64)
+
+    return AreaProgram(
+        base=np.array([t.data_ptr() for t in kv.layers], dtype=np.int64),
+        head_stride=np.arange(kv.num_heads, dtype=np.int64) * (sh * e), block_stride=sb * e,
+        block_size=kv.block_size, run_src=table(src_runs), run_dst=table(dst_runs), run_len=table(len_runs),
+        runs=np.array([len(r) for r in src_runs], dtype=np.int64), row=places.shape[1] * e, num_slots=kv.num_slots)
+
+
+def _chunk_address(chunk: torch.Tensor, program: RowProgram | AreaProgram, tokens: int) -> tuple[int, int]:
+    if chunk.device.type != "cpu" or not chunk.is_contiguous() or chunk.dim() != 4:
+        raise KernelRefused("the chunk is not a contiguous host tensor")
+    heads, layers, t, row = chunk.shape
+    if t != tokens or row * chunk.element_size() != program.row:
+        raise KernelRefused(f"chunk shape {tuple(chunk.shape)} does not match {tokens} tokens of {program.row}-byte rows")
+    return chunk.data_ptr(), layers
+
+
+def _slots(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    slots = slots.to("cpu", torch.int64)
+    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= num_slots):
+        raise IndexError(f"a slot is outside [0, {num_slots})")  # plan_slots checks this too: never reached
+    return slots
+
+
+def run(program: RowProgram | AreaProgram, slots: torch.Tensor, chunk: torch.Tensor, layers: range, to_chunk: bool) -> None:
+    """Move ``layers`` of the tokens at ``slots`` between the engine memory and ``chunk`` (``to_chunk``: a gather)."""
+    slots = _slots(slots, program.num_slots)
+    address, num_layers = _chunk_address(chunk, program, slots.numel())
+    if layers.start < 0 or layers.stop > num_layers:
+        raise KernelRefused(f"layers {layers} outside the chunk's {num_layers}")
+    if isinstance(program, AreaProgram):
+        s = slots.numpy()
+        n = program.block_size
+        _area(program.base, program.head_stride, (s // n) * program.block_stride, s % n, program.run_src,
+              program.run_dst, program.run_len, program.runs, layers.start, layers.stop, address, num_layers,
+              program.row, to_chunk)
+        return
+    fn = _rows_gather if to_chunk else _rows_scatter
+    fn(program.base, program.head_stride, program.width, program.at, program.slot_offsets(slots), layers.start,
+       layers.stop, address, num_layers, program.row)
+
+
+def self_test() -> tuple[bool, str]:
+    """Gather and scatter small memories of each layout kind (vLLM's, SGLang's, vLLM CPU's transposed keys) with
+    the kernels, bit-exact against the torch reference converters."""
+    from lmcache.core import convert
+
+    layers, heads, n, k_dim, v_dim = 3, 2, 16, 8, 8
+    slots = (torch.tensor([5, 2])[:, None] * n + torch.arange(n)).flatten()
+    paged = torch.empty(layers, 8, n, heads, k_dim + v_dim, dtype=torch.bfloat16)
+    pool = torch.empty(2, layers, 8 * n, heads, k_dim, dtype=torch.bfloat16)
+    area = torch.empty(layers, 8, heads, n * (k_dim + v_dim), dtype=torch.bfloat16)
+    k_index = torch.arange(k_dim)[None, :] * n + torch.arange(n)[:, None]  # keys transposed in the block
+    v_index = n * k_dim + torch.arange(n)[:, None] * v_dim + torch.arange(v_dim)[None, :]
+    memories: list[tuple[str, KVLayout]] = [
+        ("vLLM paged", BlockPagedKV([paged[l].permute(0, 2, 1, 3) for l in range(layers)])),
+        ("SGLang token pool", TokenSlotKV([pool[0, l] for l in range(layers)], [pool[1, l] for l in range(layers)])),
+        ("vLLM CPU block area", BlockAreaKV([area[l] for l in range(layers)], k_index, v_index)),
+    ]
+    for storage in (paged, pool, area):
+        storage.view(torch.int16).random_()
+    for name, kv in memories:
+        plan = convert.plan_slots(kv, slots)
+        want = torch.empty(heads, layers, slots.numel(), k_dim + v_dim, dtype=torch.bfloat16)
+        convert.gather(kv, plan, want, range(layers))
+        got = torch.zeros_like(want)
+        program = build(kv)
+        run(program, slots, got, range(layers), to_chunk=True)
+        if not torch.equal(got.view(torch.int16), want.view(torch.int16)):
+            return False, f"kernel self-test: {name}: gathered bytes differ from the reference (please report this)"
+        back = torch.zeros_like(want)
+        convert.gather(kv, plan, back, range(layers))  # unchanged by the gather
+        got.view(torch.int16).random_()
+        run(program, slots, got, range(layers), to_chunk=False)
+        convert.gather(kv, plan, back, range(layers))
+        if not torch.equal(got.view(torch.int16), back.view(torch.int16)):
+            return False, f"kernel self-test: {name}: scattered bytes differ from the reference (please report this)"
+    return True, "kernel self-test passed (vLLM paged, SGLang token pool, vLLM CPU block area; gather and scatter, bit-exact)"

