@@ -43,15 +43,15 @@ class CpuBackend:
         self._warned: set[str] = set()
 
     def available(self) -> tuple[bool, str]:
-        if cpu_kernels.IMPORT_ERROR:
-            return True, (f"torch reference ops only: the copy kernels need numba ({cpu_kernels.IMPORT_ERROR}); "
+        if cpu_kernels.import_error():
+            return True, (f"torch reference ops only: the copy kernels need numba ({cpu_kernels.import_error()}); "
                           "pip install numba")
         return True, "numba copy kernels for KV memory in host RAM; torch reference ops for other devices"
 
     def self_test(self) -> tuple[bool, str]:
         """Compile the kernels and run them on small memories of every layout kind, bit-exact against the reference."""
-        if cpu_kernels.IMPORT_ERROR:
-            return False, f"numba is not importable ({cpu_kernels.IMPORT_ERROR}): pip install numba"
+        if cpu_kernels.import_error():
+            return False, f"numba is not importable ({cpu_kernels.import_error()}): pip install numba"
         try:
             return cpu_kernels.self_test()
         except Exception as e:  # noqa: BLE001 - the doctor reports any failure with its reason
@@ -66,8 +66,8 @@ class CpuBackend:
             return None  # another device's memory: the reference ops run there (the doctor says which backend)
         if not self.kernels:
             return None
-        if cpu_kernels.IMPORT_ERROR:
-            self._refuse(f"numba is not importable ({cpu_kernels.IMPORT_ERROR}): pip install numba")
+        if cpu_kernels.import_error():
+            self._refuse(f"numba is not importable ({cpu_kernels.import_error()}): pip install numba")
             return None
         cache = kv.plan_cache
         if "cpu_kernels" not in cache:
