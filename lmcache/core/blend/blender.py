@@ -88,7 +88,7 @@ def select(deviation: torch.Tensor, cached: torch.Tensor, settings: BlendSetting
     return torch.sort(chosen).values
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Causal attention of queries ``[m, hq, d]`` over all keys ``[n, hk, d]``; ``q_pos`` None: m == n, in order."""
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     groups = q.shape[1] // k.shape[1]
@@ -135,7 +135,7 @@ def blend(model: BlendModel, tokens: torch.Tensor, cached_k: list[torch.Tensor],
             blended_k[keep], blended_v[keep] = k.to(blended_k.dtype), v.to(blended_v.dtype)
             out_k[layer], out_v[layer] = blended_k, blended_v
             q_pos = keep
-        attn = _attend(q, out_k[layer].to(q.dtype), out_v[layer].to(q.dtype), q_pos, model.attn_scale)
+        attn = attend(q, out_k[layer].to(q.dtype), out_v[layer].to(q.dtype), q_pos, model.attn_scale)
         hidden, residual = model.layer_output(layer, attn, residual)
     recomputed = keep if keep is not None else positions
     share = recomputed.numel() / max(n, 1)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmcache.core.blend.blender import _attend
+from lmcache.core.blend.blender import attend
 from lmcache.core.blend.rope import Rope, llama_inv_freq
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
@@ -119,7 +119,7 @@ class ReferenceLlama:
                 k, v = torch.cat([past_k[layer].to(k.dtype), k]), torch.cat([past_v[layer].to(v.dtype), v])
             ks.append(k)
             vs.append(v)
-            hidden, residual = self.layer_output(layer, _attend(q, k, v, q_pos, self.attn_scale), residual)
+            hidden, residual = self.layer_output(layer, attend(q, k, v, q_pos, self.attn_scale), residual)
         assert residual is not None  # set by the first layer
         final = self._norm(hidden + residual, "model.norm.weight")
         return F.linear(final, self._w("lm_head.weight")).float(), ks, vs
