@@ -33,7 +33,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="cpu", help="where the engine's paged KV memory lives: cpu or cuda")
     t.add_argument("--layout", default="vllm-lbnhc", choices=LAYOUTS, help="engine KV layout to read and write")
     t.add_argument("--block-size", type=int, default=16, help="engine block/page size in tokens")
-    t.add_argument("--repeats", type=int, default=3, help="timed repetitions; the best is reported")
+    t.add_argument("--repeats", type=int, default=10, help="timed repetitions, alternating with the raw copy; the best of each is reported (default 10: shared machines are noisy)")
     t.add_argument("--mode", default="inproc", choices=("inproc", "mp"),
                    help="mp: also run through an 'lmcache server' it starts, next to in-process, same run")
     t.add_argument("--json", action="store_true", help="machine-readable output")
