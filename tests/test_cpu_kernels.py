@@ -14,7 +14,7 @@ from kvutil import DTYPES, VLLM_ORDERS, random_bits, sglang_host_layout, sglang_
 
 from lmcache.core import convert
 from lmcache.core.geometry import KIND_MHA, KIND_MLA, KVGeometry
-from lmcache.core.layouts import BlockAreaKV, BlockPagedKV
+from lmcache.core.layouts import BlockAreaKV, BlockPagedKV, transposed_key_maps
 from lmcache.hardware import cpu_kernels
 from lmcache.hardware.cpu import CpuBackend
 
@@ -27,8 +27,7 @@ def area_layout(geometry: KVGeometry, num_blocks: int, block: int, seed: int, ve
     g = torch.Generator().manual_seed(seed)
     k, v = geometry.k_dim, geometry.v_dim
     if vec:
-        k_index = torch.arange(k)[None, :] * block + torch.arange(block)[:, None]
-        v_index = block * k + torch.arange(block)[:, None] * v + torch.arange(v)[None, :]
+        k_index, v_index = transposed_key_maps(block, k, v)
     else:
         order = torch.randperm(block * (k + v), generator=g)
         k_index, v_index = order[: block * k].view(block, k), order[block * k :].view(block, v)

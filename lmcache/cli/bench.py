@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from lmcache.core.geometry import MODEL_SHAPES, KVGeometry, ModelIdentity, model_shape
-from lmcache.core.layouts import BlockAreaKV, BlockPagedKV, KVLayout, TokenSlotKV
+from lmcache.core.layouts import BlockAreaKV, BlockPagedKV, KVLayout, TokenSlotKV, transposed_key_maps
 
 # vllm-cpu: vLLM's CPU attention memory (BlockAreaKV), keys transposed inside each block as its "vec" ISA writes them
 LAYOUTS = ("vllm-lbnhc", "vllm-lbhnc", "sglang", "vllm-cpu")
@@ -114,9 +114,7 @@ def make_layout(geometry: KVGeometry, kind: str, num_slots: int, block_size: int
             raise ValueError("--layout vllm-cpu holds per-head K and V: pick a non-MLA --model-shape")
         kd, vd, n = geometry.k_dim, geometry.v_dim, block_size
         storage = torch.empty(L, B, H, n * (kd + vd), dtype=geometry.dtype, device=device)
-        k_index = torch.arange(kd)[None, :] * n + torch.arange(n)[:, None]
-        v_index = n * kd + torch.arange(n)[:, None] * vd + torch.arange(vd)[None, :]
-        layout = BlockAreaKV([storage[l] for l in range(L)], k_index, v_index)
+        layout = BlockAreaKV([storage[l] for l in range(L)], *transposed_key_maps(n, kd, vd))
     elif kind == "vllm-lbnhc":
         storage = torch.empty(L, B, block_size, H, C, dtype=geometry.dtype, device=device)
         layout = BlockPagedKV([storage[l].permute(0, 2, 1, 3) for l in range(L)])

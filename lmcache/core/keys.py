@@ -105,11 +105,10 @@ class ChunkHasher:
         """Keys of the full chunks, lazily: a lookup that stops at the first miss hashes no further."""
         data = token_bytes(tokens)
         step = self.chunk_size * 4
-        root, sha256, keyed = self.root, hashlib.sha256, blake3.blake3  # locals: this loop runs per chunk
         prev = b""
         for start in range(0, len(data) - step + 1, step):
-            prev = sha256(prev + data[start : start + step]).digest()
-            yield keyed(root + prev).digest(KEY_BYTES)  # = key_of_digest(prev)
+            prev = hashlib.sha256(prev + data[start : start + step]).digest()
+            yield self.key_of_digest(prev)
 
     def key_of_digest(self, page_digest: bytes) -> bytes:
         """The chunk key for a prefix whose SGLang-style page digest (page size = chunk_size) is given.

@@ -173,6 +173,14 @@ class BlockAreaKV(_PerLayerTensors):
 KVLayout = BlockPagedKV | TokenSlotKV | BlockAreaKV
 
 
+def transposed_key_maps(block_size: int, k_dim: int, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BlockAreaKV index maps for the order vLLM's CPU attention writes with its "vec" ISA (measured): a block's
+    keys transposed (element d of token t at ``d * block_size + t``), then its values row by row. For benchmarks
+    and tests; the vLLM adapter measures the order instead of assuming it."""
+    t, n = torch.arange(block_size)[:, None], block_size
+    return torch.arange(k_dim)[None, :] * n + t, n * k_dim + t * v_dim + torch.arange(v_dim)[None, :]
+
+
 def _check_common(tensors: list[torch.Tensor], geometry: KVGeometry, head_start: int, what: str) -> None:
     if len(tensors) != geometry.num_layers:
         raise LayoutError(f"{what} has {len(tensors)} layers: the model geometry has {geometry.num_layers}")

@@ -93,25 +93,28 @@ class CpuBackend:
             self.fallback = None
         reference = convert.gather if to_chunk else convert.scatter
 
-        def move(plan, chunk, layers) -> None:
-            if program is None:
+        def move(plan, chunk, picked, layers) -> None:
+            """``picked``: the chunk's tokens that have slots (a partial scatter's selection, made once per chunk)."""
+            if program is None or (to_chunk and plan.positions is not None):  # the reference refuses the latter
                 reference(kv, plan, chunk, layers)
                 return
-            if to_chunk and plan.positions is not None:
-                raise ValueError("gather needs a KV slot for every token of the chunk (found negative slots)")
-            if not to_chunk and plan.positions is not None:
-                chunk = chunk.index_select(2, plan.positions.to(chunk.device))
             slots = plan.host_slots if plan.host_slots is not None else plan.slots
             try:
-                cpu_kernels.run(program, slots, chunk, layers, to_chunk)
+                cpu_kernels.run(program, slots, picked, layers, to_chunk)
             except cpu_kernels.KernelRefused as e:  # this chunk only (e.g. a non-contiguous one)
                 self._refuse(str(e))
                 reference(kv, plan, chunk, layers)
 
+        def pick(plan, chunk):
+            if program is None or to_chunk or plan.positions is None:
+                return chunk
+            return chunk.index_select(2, plan.positions.to(chunk.device))
+
+        jobs = [(plan, chunk, pick(plan, chunk)) for plan, chunk in jobs]
         layers = range(kv.num_layers)
         if self.threads == 1 or not jobs or (program is None and kv.device.type != "cpu"):
-            for plan, chunk in jobs:
-                move(plan, chunk, layers)
+            for plan, chunk, picked in jobs:
+                move(plan, chunk, picked, layers)
             return
         if self._pool is None:
             # each worker runs single-threaded torch ops: our pool is the parallelism, and torch's own
@@ -120,9 +123,9 @@ class CpuBackend:
                                             initializer=torch.set_num_threads, initargs=(1,))
         # whole chunks per task when there are enough of them; otherwise split the layers of the few chunks
         step = len(layers) if len(jobs) >= 2 * self.threads else max(1, len(layers) // self.threads)
-        tasks = [(plan, chunk, range(s, min(s + step, len(layers)))) for plan, chunk in jobs
+        tasks = [(plan, chunk, picked, range(s, min(s + step, len(layers)))) for plan, chunk, picked in jobs
                  for s in range(0, len(layers), step)]
-        for f in [self._pool.submit(move, p, c, r) for p, c, r in tasks]:
+        for f in [self._pool.submit(move, *task) for task in tasks]:
             f.result()
 
     def gather(self, kv: KVLayout, jobs) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmcache.core.layouts import BlockAreaKV, BlockPagedKV, KVLayout, TokenSlotKV
+from lmcache.core.layouts import BlockAreaKV, BlockPagedKV, KVLayout, TokenSlotKV, transposed_key_maps
 
 _jit = None
 _jit_error: str | None = None
@@ -231,8 +231,7 @@ def self_test() -> tuple[bool, str]:
     paged = torch.empty(layers, 8, n, heads, k_dim + v_dim, dtype=torch.bfloat16)
     pool = torch.empty(2, layers, 8 * n, heads, k_dim, dtype=torch.bfloat16)
     area = torch.empty(layers, 8, heads, n * (k_dim + v_dim), dtype=torch.bfloat16)
-    k_index = torch.arange(k_dim)[None, :] * n + torch.arange(n)[:, None]  # keys transposed in the block
-    v_index = n * k_dim + torch.arange(n)[:, None] * v_dim + torch.arange(v_dim)[None, :]
+    k_index, v_index = transposed_key_maps(n, k_dim, v_dim)
     memories: list[tuple[str, KVLayout]] = [
         ("vLLM paged", BlockPagedKV([paged[l].permute(0, 2, 1, 3) for l in range(layers)])),
         ("SGLang token pool", TokenSlotKV([pool[0, l] for l in range(layers)], [pool[1, l] for l in range(layers)])),
@@ -250,7 +249,6 @@ def self_test() -> tuple[bool, str]:
         if not torch.equal(got.view(torch.int16), want.view(torch.int16)):
             return False, f"kernel self-test: {name}: gathered bytes differ from the reference (please report this)"
         back = torch.zeros_like(want)
-        convert.gather(kv, plan, back, range(layers))  # unchanged by the gather
         got.view(torch.int16).random_()
         run(program, slots, got, range(layers), to_chunk=False)
         convert.gather(kv, plan, back, range(layers))
