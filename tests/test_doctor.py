@@ -23,9 +23,15 @@ def doctor(*args, env=None, pythonpath=None):
 def test_healthy_setup_passes():
     code, data, rows = doctor()
     assert code == 0 and data["failures"] == 0
-    for name in ("python", "torch", "accelerator", "backend cpu", "config", "disk tier", "remote tier",
+    for name in ("python", "torch", "chunk keys", "accelerator", "backend cpu", "config", "disk tier", "remote tier",
                  "plugin lmcache.hardware.cpu", "engine vllm", "engine sglang", "engine ai-dynamo"):
         assert rows[name]["status"] == "ok", rows[name]
+
+
+def test_chunk_keys_hashed_in_python_are_reported_with_the_reason():
+    code, _, rows = doctor("--skip-engines", env={"LMCACHE_NATIVE_KEYS": "0"})
+    assert code == 0 and rows["chunk keys"]["status"] == "warn"
+    assert "native_keys: false" in rows["chunk keys"]["found"] and "native_keys: true" in rows["chunk keys"]["fix"]
 
 
 def test_bad_config_file(tmp_path):

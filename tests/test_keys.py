@@ -1,12 +1,17 @@
+import hashlib
+import json
 import os
 import subprocess
 import sys
 
+import blake3
 import numpy as np
+import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmcache.core import key_chain
 from lmcache.core.geometry import KVGeometry, ModelIdentity
 from lmcache.core.keys import ChunkHasher, ObjectKey
 
@@ -68,3 +73,82 @@ def test_keys_are_identical_across_processes_and_hash_seeds():
 def test_object_key_round_trips_as_text():
     k = ObjectKey(bytes(range(16)), 2, 4)
     assert ObjectKey.parse(str(k)) == k and str(k).endswith("@2-4")
+
+
+# -- the native loop (key_chain): the same keys as the definition, for every input a caller may hand in ------------
+
+def reference_keys(h: ChunkHasher, tokens) -> list[bytes]:
+    """The module docstring's definition, written out here independently of keys.py."""
+    data = np.asarray(tokens, dtype=np.int64).astype("<u4").tobytes()
+    step, prev, out = h.chunk_size * 4, b"", []
+    for start in range(0, len(data) - step + 1, step):
+        prev = hashlib.sha256(prev + data[start:start + step]).digest()
+        out.append(blake3.blake3(h.root + prev).digest(16))
+    return out
+
+
+def test_the_native_loop_loads_here():
+    """CI has numba and Python's libcrypto: the fast path must be the one tested, not silently the fallback."""
+    assert key_chain.load_error() is None and key_chain.native() is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 64), st.integers(key_chain.NATIVE_MIN_CHUNKS, 70), st.integers(0, 63), st.integers(0, 2**32),
+       st.sampled_from(["list", "tuple", "int64", "uint32", "tensor"]), st.text(max_size=3), st.integers(0, 70))
+def test_native_keys_equal_the_definition(chunk_size, chunks, tail, seed, kind, salt, taken):
+    rng = np.random.default_rng(seed)
+    n = chunks * chunk_size + tail % chunk_size
+    ids = rng.integers(0, 2**32, size=n, dtype=np.uint64)
+    ids[rng.integers(0, n, size=2)] = [0, 2**32 - 1]  # both ends of the id range
+    tokens = {"list": ids.tolist(), "tuple": tuple(ids.tolist()), "int64": ids.astype(np.int64),
+              "uint32": ids.astype(np.uint32), "tensor": torch.from_numpy(ids.astype(np.int64))}[kind]
+    h = ChunkHasher(LLAMA, chunk_size, salt)
+    want = reference_keys(h, ids)
+    assert h.keys(tokens) == want
+    assert list(h.iter_keys(tokens)) == want
+    it = h.iter_keys(tokens)  # a lookup stops at its first miss: what it took must still be right
+    assert [k for _, k in zip(range(taken), it)] == want[:taken]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 8), st.integers(1, 32), st.integers(0, 2**32), st.integers(0, 5))
+def test_native_blake3_block_matches_blake3_for_every_root_and_key_length(root_words, key_bytes, seed, first):
+    chain = key_chain.native()
+    rng = np.random.default_rng(seed)
+    words = rng.integers(0, 2**32, size=8 * 16, dtype=np.uint64).astype(np.uint32)
+    root, prev = rng.bytes(4 * root_words), rng.bytes(32) if first else b""
+    digests, keys = chain.run(words, 16, first, 8 - first, prev, root, key_bytes)
+    data = words.astype("<u4").tobytes()
+    for i in range(8 - first):
+        prev = hashlib.sha256(prev + data[(first + i) * 64:(first + i + 1) * 64]).digest()
+        assert digests[i].tobytes() == prev
+        assert keys[i].tobytes() == blake3.blake3(root + prev).digest(key_bytes)
+
+
+@pytest.mark.parametrize("bad, error", [(-1, OverflowError), (2**32, OverflowError), (1.5, TypeError)])
+def test_a_bad_token_id_in_a_long_prompt_raises_as_in_a_short_one(bad, error):
+    h = ChunkHasher(LLAMA, 16)
+    short, long = [1] * 16, [1] * (16 * key_chain.NATIVE_MIN_CHUNKS * 2)
+    for tokens in (short, long):
+        tokens[3] = bad
+        with pytest.raises(error):
+            h.keys(tokens)
+        with pytest.raises(error):
+            list(h.iter_keys(tokens))
+    long[3], long[-3] = 1, bad  # in a later chunk: the lazy iteration yields the good chunks, then says which
+    with pytest.raises(OverflowError, match="not an unsigned 32-bit int"):
+        list(h.iter_keys(long))
+
+
+def test_native_keys_off_gives_the_same_keys_and_says_so():
+    """``native_keys: false`` (here as LMCACHE_NATIVE_KEYS=0) turns the loop off for the process: same keys."""
+    code = ("import json,torch;from lmcache.core import key_chain;from lmcache.core.config import load_config;"
+            "from lmcache.core.engine import CacheEngine;from tests.test_keys import LLAMA;"
+            "e=CacheEngine(load_config(None),LLAMA,device='cpu');"
+            "print(json.dumps([e.hasher().keys(list(range(300*256)))[-1].hex(),key_chain.load_error()]))")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LMCACHE_NATIVE_KEYS": "0"},
+                       capture_output=True, text=True, check=True, cwd=here)
+    key, why = json.loads(r.stdout.strip().splitlines()[-1])
+    assert why == "config native_keys: false (LMCACHE_NATIVE_KEYS=0)"
+    assert key == ChunkHasher(LLAMA, 256).keys(list(range(300 * 256)))[-1].hex()

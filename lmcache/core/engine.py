@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from lmcache.core import key_chain
 from lmcache.core.chunk_format import NO_PARENT, ChunkHeader, header_for
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.convert import SlotPlan, plan_chunks
@@ -111,6 +112,7 @@ class CacheEngine:
         self.identity = identity
         self.geometry = identity.geometry
         self.chunk_size = config.chunk_size
+        key_chain.configure(config.native_keys)
         h0, h1 = head_range or (0, self.geometry.num_kv_heads)
         if not 0 <= h0 < h1 <= self.geometry.num_kv_heads:
             raise ValueError(f"head_range {head_range}: must satisfy 0 <= start < end <= {self.geometry.num_kv_heads}")

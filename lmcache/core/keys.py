@@ -12,6 +12,10 @@ SGLang storage backend, which is handed page hashes and no tokens, derives the s
 page size, its KV layout or its tensor-parallel size. Both hashes are cryptographic, so a tenant cannot craft
 a prompt whose key collides with another prompt's and poison it.
 
+Prompts of 16 chunks or more are hashed by ``key_chain``'s native loop (numba + the libcrypto hashlib uses),
+which derives exactly these keys (self-checked at load, property-tested) without Python per chunk; shorter
+prompts, and every prompt where that loop cannot load, go through ``_python_keys`` below, the definition.
+
 The trailing partial chunk is never stored and has no key. A later, longer prompt therefore reuses only
 the full chunks it shares and recomputes at most ``chunk_size - 1`` tokens; there is no partial object
 that could be mistaken for a longer one, so no wrong bytes can be loaded from a shorter store.
@@ -29,6 +33,7 @@ import blake3
 import numpy as np
 import torch
 
+from lmcache.core import key_chain
 from lmcache.core.geometry import ModelIdentity
 
 KEY_BYTES = 16
@@ -102,7 +107,36 @@ class ChunkHasher:
         return num_tokens // self.chunk_size
 
     def iter_keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> Iterator[bytes]:
-        """Keys of the full chunks, lazily: a lookup that stops at the first miss hashes no further."""
+        """Keys of the full chunks, lazily: a lookup that stops at the first miss hashes (almost) no further."""
+        native = self._native(tokens)
+        if native is not None:
+            chain, words = native
+            it = chain.iter_keys(words, self.chunk_size, self.root, KEY_BYTES)
+            if it is not None:
+                return it
+        return self._python_keys(tokens)
+
+    def keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> list[bytes]:
+        native = self._native(tokens)
+        if native is not None:
+            chain, words = native
+            keys = chain.keys(words, self.chunk_size, self.root, KEY_BYTES)
+            if keys is not None:
+                return keys
+        return list(self._python_keys(tokens))
+
+    def _native(self, tokens: Sequence[int] | np.ndarray | torch.Tensor
+                ) -> tuple[key_chain.NativeChain, Sequence[int] | np.ndarray] | None:
+        """The native loop and the tokens as its input, for prompts long enough to be worth it (see key_chain)."""
+        if len(tokens) < key_chain.NATIVE_MIN_CHUNKS * self.chunk_size:
+            return None
+        chain = key_chain.native()
+        if chain is None:
+            return None
+        return chain, tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else tokens
+
+    def _python_keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> Iterator[bytes]:
+        """The definition (module docstring), one chunk at a time."""
         data = token_bytes(tokens)
         step = self.chunk_size * 4
         prev = b""
@@ -119,5 +153,3 @@ class ChunkHasher:
         """
         return blake3.blake3(self.root + page_digest).digest(KEY_BYTES)
 
-    def keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> list[bytes]:
-        return list(self.iter_keys(tokens))

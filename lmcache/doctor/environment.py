@@ -25,6 +25,24 @@ def python_and_torch() -> Iterator[Check]:
     yield Check("torch", OK, f"torch {torch.__version__} ({build}); lmcache {__version__} (no compiled extension: nothing to rebuild)")
 
 
+def chunk_keys(config_path: str | None, overrides: dict) -> Iterator[Check]:
+    """Whether long prompts' chunk keys come from the native loop (loaded and self-checked here)."""
+    from lmcache.core import key_chain
+
+    try:
+        key_chain.configure(load_config(config_path, overrides=overrides).native_keys, warm=False)
+    except ConfigError:
+        pass  # the config row says what is wrong with it
+    error = key_chain.load_error()
+    if error is None:
+        yield Check("chunk keys", OK, "native loop (libcrypto SHA-256 + numba BLAKE3), self-checked against the "
+                    "Python definition")
+    else:
+        yield Check("chunk keys", WARN, f"hashed in Python: {error}",
+                    "long-prompt lookups are ~1.7x slower; install numba (pip install numba) and OpenSSL's libcrypto, "
+                    "or set native_keys: true")
+
+
 def _accelerator() -> tuple[str | None, str]:
     if torch.cuda.is_available():
         kind = "rocm" if torch.version.hip else "cuda"

@@ -27,6 +27,7 @@ def run_all(config_path: str | None, overrides: dict, command: str | None, engin
     rows: list[Check] = []
     steps: list[Callable[[], Iterable[Check]]] = [
         environment.python_and_torch,
+        lambda: environment.chunk_keys(config_path, overrides),
         environment.accelerator,
         lambda: environment.config_and_tiers(config_path, overrides),
         environment.plugins,

@@ -27,6 +27,7 @@ from typing import Any
 import zmq
 
 from lmcache import __version__
+from lmcache.core import key_chain
 from lmcache.core.chunk_format import HEADER_BYTES, ChunkCorrupt, ChunkHeader, byte_view, check_header
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.geometry import CODE_DTYPES, KVGeometry, ModelIdentity
@@ -105,6 +106,7 @@ class CacheServer:
         if not 0 < lease_timeout_s <= 86400:
             raise ValueError(f"--lease-timeout {lease_timeout_s}: must be > 0 and at most 86400 seconds")
         self.config = config
+        key_chain.configure(config.native_keys)  # the lookup endpoint hashes prompts
         self.host, self.port, self.token = host, port, token
         self.lease_timeout_s = lease_timeout_s
         self.instance = secrets.token_hex(8)

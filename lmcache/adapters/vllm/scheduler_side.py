@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 from lmcache.adapters.vllm.model import ModelView
 from lmcache.adapters.vllm.plan import RequestPlan
+from lmcache.core import key_chain
 from lmcache.core.config import LMCacheConfig
 from lmcache.core.keys import ChunkHasher
 
@@ -83,6 +84,7 @@ class SchedulerSide:
         self.config = config
         self.view = view
         self.cs = config.chunk_size
+        key_chain.configure(config.native_keys)  # loads the loop now, not in the first request's lookup
         self.bs = view.block_size
         self._lookup = lookup
         self._router_hash = router_hash
