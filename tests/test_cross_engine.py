@@ -49,18 +49,19 @@ def tokens(n, seed=1):
 
 
 @pytest.mark.parametrize("layout", ["layer_first", "page_first_direct"])
-def test_vllm_stores_sglang_loads(model_dir, lmcache_extra, layout):
-    prompt = tokens(200)
+@pytest.mark.parametrize("chunks", [6, 17])  # 17: vLLM's keys come from the native loop (16+ chunks), SGLang's not
+def test_vllm_stores_sglang_loads(model_dir, lmcache_extra, layout, chunks):
+    prompt = tokens(chunks * CS + 8)
     v = CpuVllm(vllm_config(model_dir, lmcache_extra))
     v.add("A", prompt)
     v.run()
-    pool = HostPool(layout, CS, pages=12, layers=2, heads=2, head_dim=16)
+    pool = HostPool(layout, CS, pages=chunks + 6, layers=2, heads=2, head_dim=16)
     sg = make_backend(lmcache_extra, pool)
     keys = page_keys(prompt, CS)
-    assert batch_exists(sg, keys) == 6
-    assert sg.batch_get_v1(keys, torch.arange(3 * CS, 9 * CS)) == [True] * 6
-    got = torch.stack([pool.token_kv(3 * CS + i) for i in range(192)])
-    want = expected_kv(torch.tensor(prompt[:192]), torch.arange(192), 2, 2, 32)
+    assert batch_exists(sg, keys) == chunks
+    assert sg.batch_get_v1(keys, torch.arange(3 * CS, (3 + chunks) * CS)) == [True] * chunks
+    got = torch.stack([pool.token_kv(3 * CS + i) for i in range(chunks * CS)])
+    want = expected_kv(torch.tensor(prompt[:chunks * CS]), torch.arange(chunks * CS), 2, 2, 32)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     sg.close()
 

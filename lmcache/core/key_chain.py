@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import struct
 import sys
 import threading
 from typing import Callable, Iterator, Sequence
@@ -124,8 +125,8 @@ class NativeChain:
 
 
 def _split(keys: np.ndarray, key_bytes: int) -> list[bytes]:
-    flat = keys.tobytes()
-    return [flat[i:i + key_bytes] for i in range(0, len(flat), key_bytes)]
+    # struct's unpacking loop runs in C: ~40% faster than slicing in a comprehension (measured, 512 keys)
+    return [key for (key,) in struct.iter_unpack(f"{key_bytes}s", keys.tobytes())]
 
 
 _lock = threading.Lock()
@@ -135,14 +136,15 @@ _tried = False
 _disabled: str | None = None  # why configure() turned the loop off
 
 
-def configure(native: bool, warm: bool = True) -> None:
+def configure(native: bool, warm: bool = False) -> None:
     """Apply the ``native_keys`` config key to this process (the loop is process-wide, like the copy kernels):
-    False keeps every key in Python. ``warm``: load the loop now in a background thread, so that the first long
-    prompt's lookup does not pay numba's import and the compiled-code load (~0.5 s; ~3 s on the very first run)."""
+    False keeps every key in Python. ``warm``: load the loop now, so that the first long prompt's lookup does not
+    pay numba's import and the compiled-code load (~0.5 s; ~3 s on a machine's very first run). In the caller's
+    thread on purpose: a loader thread would hold import and numba locks that a fork() meanwhile copies locked."""
     global _disabled
     _disabled = None if native else "config native_keys: false (LMCACHE_NATIVE_KEYS=0)"
-    if native and warm and not _tried:
-        threading.Thread(target=native_loop, name="lmcache-keys-load", daemon=True).start()
+    if native and warm:
+        native_loop()
 
 
 def _libcrypto() -> ctypes.CDLL:

@@ -30,7 +30,7 @@ def chunk_keys(config_path: str | None, overrides: dict) -> Iterator[Check]:
     from lmcache.core import key_chain
 
     try:
-        key_chain.configure(load_config(config_path, overrides=overrides).native_keys, warm=False)
+        key_chain.configure(load_config(config_path, overrides=overrides).native_keys)
     except ConfigError:
         pass  # the config row says what is wrong with it
     error = key_chain.load_error()

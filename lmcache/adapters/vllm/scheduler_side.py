@@ -84,7 +84,7 @@ class SchedulerSide:
         self.config = config
         self.view = view
         self.cs = config.chunk_size
-        key_chain.configure(config.native_keys)  # loads the loop now, not in the first request's lookup
+        key_chain.configure(config.native_keys, warm=True)  # loads the loop at startup, not in a request's lookup
         self.bs = view.block_size
         self._lookup = lookup
         self._router_hash = router_hash
