@@ -27,7 +27,7 @@ import array
 import hashlib
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import blake3
 import numpy as np
@@ -108,32 +108,24 @@ class ChunkHasher:
 
     def iter_keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> Iterator[bytes]:
         """Keys of the full chunks, lazily: a lookup that stops at the first miss hashes (almost) no further."""
-        native = self._native(tokens)
-        if native is not None:
-            chain, words = native
-            it = chain.iter_keys(words, self.chunk_size, self.root, KEY_BYTES)
-            if it is not None:
-                return it
-        return self._python_keys(tokens)
+        native = self._native(tokens, lazy=True)
+        return iter(native) if native is not None else self._python_keys(tokens)
 
     def keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> list[bytes]:
-        native = self._native(tokens)
-        if native is not None:
-            chain, words = native
-            keys = chain.keys(words, self.chunk_size, self.root, KEY_BYTES)
-            if keys is not None:
-                return keys
-        return list(self._python_keys(tokens))
+        native = self._native(tokens, lazy=False)
+        return list(native) if native is not None else list(self._python_keys(tokens))
 
-    def _native(self, tokens: Sequence[int] | np.ndarray | torch.Tensor
-                ) -> tuple[key_chain.NativeChain, Sequence[int] | np.ndarray] | None:
-        """The native loop and the tokens as its input, for prompts long enough to be worth it (see key_chain)."""
+    def _native(self, tokens: Sequence[int] | np.ndarray | torch.Tensor, lazy: bool) -> Iterable[bytes] | None:
+        """The keys from the native loop, for prompts long enough to be worth it (see key_chain); None where it
+        is not loaded or the tokens do not convert (the Python loop then decides)."""
         if len(tokens) < key_chain.NATIVE_MIN_CHUNKS * self.chunk_size:
             return None
         chain = key_chain.native()
         if chain is None:
             return None
-        return chain, tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else tokens
+        ids = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else tokens
+        fn = chain.iter_keys if lazy else chain.keys
+        return fn(ids, self.chunk_size, self.root, KEY_BYTES)
 
     def _python_keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> Iterator[bytes]:
         """The definition (module docstring), one chunk at a time."""
