@@ -66,6 +66,9 @@ def test_bench_lookup():
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["hit_tokens"] == 8192 and d["lookup_ms_median"] > 0
+    # 32 chunks: the native loop hashed them, and the same-run floor and ratios are printed beside it
+    assert d["native_keys"] is True and d["native_keys_error"] is None
+    assert d["floor_ms_median"] > 0 and d["lookup_over_floor"] > 0 and d["python_over_native_hash"] > 0
 
 
 def test_bench_rejects_bad_flags_clearly():
