@@ -74,6 +74,10 @@ def test_bench_lookup():
 def test_bench_rejects_bad_flags_clearly():
     r = run("bench", "transfer", "--tokens", "10")
     assert r.returncode == 2 and "--tokens 10: need at least one full chunk of 256 tokens" in r.stderr
+    r = run("bench", "lookup", "--tokens", "100")
+    assert r.returncode == 2 and "--tokens 100: need at least one full chunk of 256 tokens" in r.stderr
+    r = run("bench", "lookup", "--repeats", "0")
+    assert r.returncode == 2 and "--repeats 0: must be at least 1" in r.stderr
 
 
 def test_bench_tier_disk_with_startup(tmp_path):

@@ -292,6 +292,10 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     geometry = MODEL_SHAPES["tiny"]  # lookup cost does not depend on the KV geometry
     tokens = (args.tokens // cfg.chunk_size) * cfg.chunk_size
+    if tokens <= 0:
+        raise ValueError(f"--tokens {args.tokens}: need at least one full chunk of {cfg.chunk_size} tokens")
+    if args.repeats <= 0:
+        raise ValueError(f"--repeats {args.repeats}: must be at least 1")
     nbytes = tokens * geometry.bytes_per_token()
     cfg = cfg.replace(max_cpu_size_gb=max(cfg.max_cpu_size_gb, nbytes * 1.1 / 2**30 + 0.01))
     engine = CacheEngine(cfg, ModelIdentity("bench/lookup", geometry), device="cpu")
@@ -344,5 +348,6 @@ def cmd_lookup(args: argparse.Namespace) -> int:
          ["floor, same run: list -> uint32 once + one SHA-256 pass", f"{d['floor_ms_median']:.2f}",
           f"{d['floor_ms_best']:.2f}"],
          ["ratios (medians)", f"lookup / floor {d['lookup_over_floor']:.2f}x",
-          f"Python loop / native {d['python_over_native_hash']:.2f}x"]]))
+          f"Python loop / native {d['python_over_native_hash']:.2f}x" if d["native_keys"]
+          else f"no native loop: {d['native_keys_error']}"]]))
     return 0 if hit == tokens else 1
