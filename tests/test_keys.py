@@ -152,3 +152,20 @@ def test_native_keys_off_gives_the_same_keys_and_says_so():
     key, why = json.loads(r.stdout.strip().splitlines()[-1])
     assert why == "config native_keys: false (LMCACHE_NATIVE_KEYS=0)"
     assert key == ChunkHasher(LLAMA, 256).keys(list(range(300 * 256)))[-1].hex()
+
+
+def test_native_keys_from_several_threads_and_a_forked_child_are_right():
+    """The server hashes prompts in its request threads; engines fork workers after loading the loop."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    h = ChunkHasher(LLAMA, 64)
+    prompts = [np.random.default_rng(s).integers(0, 2**32, 64 * 40).tolist() for s in range(8)]
+    want = [reference_keys(h, p) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            assert list(pool.map(h.keys, prompts)) == want
+            assert list(pool.map(lambda p: list(h.iter_keys(p)), prompts)) == want
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as children:
+        assert children.map(h.keys, prompts) == want
