@@ -21,17 +21,22 @@ def disk(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, disk):
-    python = vllm_cpu_python()
-    model = build_tiny_model(python, tmp_path_factory.mktemp("model"))
-    argv = launch_line(python, model, "enable_blending=true", "chunk_size=32", "blend_min_tokens=16", "max_cpu_size_gb=0.5",
-                       f"local_disk_path={disk}")
-    assert argv[:2] == ["env", "LMCACHE_ENABLE_BLENDING=1"]
-    # blocks of 32 tokens (vllm-cpu defaults to 128; its attention takes multiples of 32), so documents of a few dozen tokens fill whole chunks
-    srv = VllmServer([*argv, "--block-size", "32"], free_port(), tmp_path_factory.mktemp("log") / "vllm.log").start()
+    srv = blending_server(tmp_path_factory, "llama", disk).start()
     try:
         yield srv.wait_ready()
     finally:
         srv.stop()
+
+
+def blending_server(tmp_path_factory, arch: str, disk=None):
+    python = vllm_cpu_python()
+    model = build_tiny_model(python, tmp_path_factory.mktemp("model"), arch)
+    sets = ["enable_blending=true", "chunk_size=32", "blend_min_tokens=16", "max_cpu_size_gb=0.5"]
+    argv = launch_line(python, model, *sets, *([f"local_disk_path={disk}"] if disk else []))
+    assert argv[:2] == ["env", "LMCACHE_ENABLE_BLENDING=1"]
+    # blocks of 32 tokens (vllm-cpu defaults to 128; its attention takes multiples of 32), so documents of a few
+    # dozen tokens fill whole chunks
+    return VllmServer([*argv, "--block-size", "32"], free_port(), tmp_path_factory.mktemp("log") / "vllm.log")
 
 
 def blends(srv: VllmServer) -> list[tuple[int, int, int, int]]:
@@ -58,6 +63,28 @@ def test_documents_are_reused_wherever_they_sit_and_ratio_one_answers_as_a_full_
     server.complete(other)
     start, end, from_cache, recomputed = blends(server)[-1]
     assert from_cache == 192 and recomputed == (end - 192) + round(0.15 * 192)
+
+
+def test_a_qwen3_model_blends_with_its_query_and_key_norms(tmp_path_factory):
+    """Qwen3 normalises q and k per head before RoPE (weights drawn away from 1 here): a recomputed key must
+    go through its k_norm like vLLM's own forward, or ratio 1 would not answer as a full prefill."""
+    srv = blending_server(tmp_path_factory, "qwen3").start()
+    try:
+        srv.wait_ready()
+        model = srv.model
+        docs = [words(model, 64, seed) for seed in (41, 42)]
+        prompt = " # # ".join([words(model, 10, 43), docs[1], docs[0], words(model, 12, 44)])
+        cold = srv.complete(prompt, cache_salt="cold")
+        for d in docs:
+            srv.complete(f"# # {d}", max_tokens=1)
+        exact = srv.complete(prompt, kv_transfer_params={"lmcache_recompute_ratio": 1.0})
+        start, end, from_cache, recomputed = blends(srv)[-1]
+        assert (start, end, from_cache) == (0, 10 + 2 + 2 * 66 - 2, 128) and recomputed == end
+        assert same_answer(exact, cold), (exact, cold)
+        srv.complete(prompt)  # the default ratio blends too, with the norms on its recomputed tokens
+        assert blends(srv)[-1][2] == 128
+    finally:
+        srv.stop()
 
 
 def test_a_caller_gives_segment_boundaries_instead_of_separators(server):

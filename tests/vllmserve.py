@@ -136,9 +136,10 @@ def same_answer(a: dict, b: dict, tol: float = 1e-3) -> bool:
     return a["tokens"] == b["tokens"] and all(abs(x - y) <= tol for x, y in zip(a["logprobs"], b["logprobs"]))
 
 
-def build_tiny_model(python: str, path) -> str:
-    """The tiny Llama (lmcache.demo.tiny_model) built with ``python`` into ``path``; its directory."""
-    subprocess.run([python, "-m", "lmcache.demo.tiny_model", str(path)], check=True, capture_output=True, timeout=300)
+def build_tiny_model(python: str, path, arch: str = "llama") -> str:
+    """The tiny Llama (or ``arch``: lmcache.demo.tiny_model) built with ``python`` into ``path``; its directory."""
+    subprocess.run([python, "-m", "lmcache.demo.tiny_model", str(path), "--arch", arch], check=True,
+                   capture_output=True, timeout=300)
     return str(path)
 
 

@@ -1,4 +1,4 @@
-"""A small Llama with random weights and a locally trained tokenizer, for serving demos and tests on CPU.
+"""A small Llama (or Qwen2, Qwen3: ``--arch``) with random weights and a locally trained tokenizer, for serving demos and tests on CPU.
 
 No model hub is needed: the weights are random (seeded, so every build is the same model), the tokenizer
 is a word-level vocabulary learned from the Python standard library's own sources. Any engine serves the
@@ -36,17 +36,26 @@ def _corpus(max_files: int = 400):
             continue
 
 
+ARCHITECTURES = ("llama", "qwen2", "qwen3")  # qwen2: biased q/k/v projections; qwen3: q/k RMS norms
+
+
 def build(out: str | os.PathLike, *, vocab_size: int = 8000, hidden: int = 512, layers: int = 4, heads: int = 8,
-          kv_heads: int = 4, max_positions: int = 32768, dtype: str = "float32", seed: int = 0) -> Path:
+          kv_heads: int = 4, max_positions: int = 32768, dtype: str = "float32", seed: int = 0,
+          arch: str = "llama") -> Path:
     """Write the model to ``out`` (config, safetensors weights, tokenizer); returns the directory. A
     directory that already holds this build is left as it is."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch '{arch}': use one of {', '.join(ARCHITECTURES)}")
     out = Path(out)
     spec = {"vocab_size": vocab_size, "hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads,
             "max_positions": max_positions, "dtype": dtype, "seed": seed}
+    if arch != "llama":
+        spec["arch"] = arch  # a Llama build's stamp stays as it was: existing directories are reused
     stamp = out / "lmcache-tiny-model.json"
     if stamp.exists() and json.loads(stamp.read_text()) == spec:
         return out
@@ -60,11 +69,18 @@ def build(out: str | os.PathLike, *, vocab_size: int = 8000, hidden: int = 512, 
     fast.save_pretrained(out)
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=hidden // heads, max_position_embeddings=max_positions, bos_token_id=1,
-                         eos_token_id=2, tie_word_embeddings=False, torch_dtype=dtype)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        torch_dtype=dtype)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).to(getattr(torch, dtype))
+    if arch == "qwen3":  # RMS norm weights start at 1: random ones make the q/k norms part of what is tested
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     model.save_pretrained(out, safe_serialization=True)
     stamp.write_text(json.dumps(spec))
     return out
@@ -84,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--arch", default="llama", choices=ARCHITECTURES)
     args = p.parse_args(argv)
-    path = build(args.out, dtype=args.dtype, layers=args.layers, hidden=args.hidden)
+    path = build(args.out, dtype=args.dtype, layers=args.layers, hidden=args.hidden, arch=args.arch)
     print(f"tiny model in {path}")
     return 0
 
