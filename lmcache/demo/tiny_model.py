@@ -67,6 +67,8 @@ def build(out: str | os.PathLike, *, vocab_size: int = 8000, hidden: int = 512, 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
+    if arch == "qwen2":  # transformers 5 maps model_type qwen2 to its byte-level Qwen2Tokenizer, whatever the
+        fast.save_pretrained(out / "tokenizer")  # tokenizer config says: serve with --tokenizer DIR/tokenizer
 
     torch.manual_seed(seed)
     name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
@@ -76,11 +78,15 @@ def build(out: str | os.PathLike, *, vocab_size: int = 8000, hidden: int = 512, 
         max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
         torch_dtype=dtype)
     model = getattr(transformers, f"{name}ForCausalLM")(config).to(getattr(torch, dtype))
-    if arch == "qwen3":  # RMS norm weights start at 1: random ones make the q/k norms part of what is tested
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    with torch.no_grad():  # biases start at 0 and norm weights at 1: random ones make them part of what is tested
+        for layer in model.model.layers if arch != "llama" else ():
+            attn = layer.self_attn
+            if arch == "qwen3":
+                attn.q_norm.weight.uniform_(0.5, 1.5)
+                attn.k_norm.weight.uniform_(0.5, 1.5)
+            else:
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    proj.bias.uniform_(-0.5, 0.5)
     model.save_pretrained(out, safe_serialization=True)
     stamp.write_text(json.dumps(spec))
     return out
