@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import ctypes
 import ctypes.util
+import itertools
 import logging
 import os
 import struct
@@ -105,13 +106,15 @@ class NativeChain:
         head = self.words(tokens, 0, chunk_size)
         if head is None:
             return None
-        return self._lazy(tokens, chunk_size, root, key_bytes, self.run(head, chunk_size, 0, 1, b"", root, key_bytes))
+        first = self.run(head, chunk_size, 0, 1, b"", root, key_bytes)
+        # chain flattens the batches in C: the generator resumes once per batch, not once per key
+        return itertools.chain.from_iterable(self._batches(tokens, chunk_size, root, key_bytes, first))
 
-    def _lazy(self, tokens: Sequence[int] | np.ndarray, chunk_size: int, root: bytes, key_bytes: int,
-              batch: tuple[np.ndarray, np.ndarray]) -> Iterator[bytes]:
+    def _batches(self, tokens: Sequence[int] | np.ndarray, chunk_size: int, root: bytes, key_bytes: int,
+                 batch: tuple[np.ndarray, np.ndarray]) -> Iterator[list[bytes]]:
         total, done, steps = len(tokens) // chunk_size, 0, iter(_LAZY_STEPS[1:])
         while True:
-            yield from _split(batch[1], key_bytes)
+            yield _split(batch[1], key_bytes)
             done += len(batch[1])
             if done >= total:
                 return
