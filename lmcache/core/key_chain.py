@@ -4,8 +4,8 @@ Why: a cold lookup of a 128K-token prompt derives 512 keys. In Python each costs
 hashlib object and a blake3 object (~2 us of interpreter per chunk, more than the hashing itself). Here one
 numba loop (``numba_keys``) runs the same two hashes: SHA-256 through the libcrypto that Python's own hashlib
 is linked against (SHA-NI where the CPU has it; nothing is built here), and BLAKE3 of the key's single 48-byte
-block, written out in the loop. The prompt arrives as a Python list from vLLM; ``array('I').fromlist`` is the
-fastest conversion measured (0.5 ms for 128K ids; numpy 2 ms), and it rejects ids outside uint32 itself.
+block, written out in the loop. The token ids arrive converted (``keys.token_words``, the same conversion the
+Python loop uses, so a bad id raises the same error on either path).
 
 Invariant: a key from here is bit-identical to the Python loop's. A self-check at load compares both on a random
 prompt, and the tests compare them over random prompts, chunk sizes and input types; where the loop cannot
@@ -16,7 +16,6 @@ is logged once and shown by ``lmcache doctor`` ("chunk keys" row). Nothing is ev
 
 from __future__ import annotations
 
-import array
 import ctypes
 import ctypes.util
 import itertools
@@ -25,7 +24,7 @@ import os
 import struct
 import sys
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -48,28 +47,6 @@ class NativeChain:
         self._functions = functions
         self._kernel = kernel
 
-    @staticmethod
-    def words(tokens: Sequence[int] | np.ndarray, start: int = 0, end: int | None = None) -> np.ndarray | None:
-        """``tokens[start:end]`` as uint32 (the whole list converts without a slice's copy); None when an id is
-        negative, >= 2**32 or not an integer (the Python loop then raises its own error)."""
-        end = len(tokens) if end is None else end
-        if isinstance(tokens, np.ndarray):
-            part = tokens[start:end]
-            if part.ndim != 1 or part.dtype.kind not in "iu":
-                return None
-            if part.dtype != np.uint32 and part.size and (int(part.min()) < 0 or int(part.max()) >= 2**32):
-                return None
-            return np.ascontiguousarray(part, dtype=np.uint32)
-        packed = array.array("I")
-        if packed.itemsize != 4:  # pragma: no cover - no such platform in practice
-            return None
-        try:
-            whole = start == 0 and end == len(tokens)
-            packed.fromlist(tokens if whole and isinstance(tokens, list) else list(tokens[start:end]))  # a slice copies
-        except (OverflowError, TypeError):
-            return None
-        return np.frombuffer(packed, dtype=np.uint32)
-
     def run(self, words: np.ndarray, chunk_size: int, first: int, count: int, prev: bytes, root: bytes,
             key_bytes: int) -> tuple[np.ndarray, np.ndarray]:
         """Page digests and keys of chunks ``first .. first+count-1`` of ``words`` (``prev``: the digest before
@@ -88,43 +65,36 @@ class NativeChain:
                                "(LMCACHE_NATIVE_KEYS=0) to hash in Python, and report this machine's OpenSSL version")
         return digests, keys
 
-    def keys(self, tokens: Sequence[int] | np.ndarray, chunk_size: int, root: bytes, key_bytes: int
-             ) -> list[bytes] | None:
-        """All full chunks' keys; None when the tokens do not convert."""
-        count = len(tokens) // chunk_size
-        words = self.words(tokens)
-        if words is None:
-            return None
-        return _split(self.run(words, chunk_size, 0, count, b"", root, key_bytes)[1], key_bytes)
+    def keys(self, words: np.ndarray, chunk_size: int, root: bytes, key_bytes: int) -> list[bytes]:
+        """All full chunks' keys of the token ``words`` (``keys.token_words``)."""
+        return _split(self.run(words, chunk_size, 0, words.size // chunk_size, b"", root, key_bytes)[1], key_bytes)
 
-    def iter_keys(self, tokens: Sequence[int] | np.ndarray, chunk_size: int, root: bytes, key_bytes: int
-                  ) -> Iterator[bytes] | None:
-        """All full chunks' keys, the first few converted and hashed alone so that a consumer stopping at the
-        first miss leaves the rest of the prompt untouched. None when the first chunk does not convert."""
-        if len(tokens) < chunk_size:
+    def iter_keys(self, num_tokens: int, words_of: Callable[[int, int | None], np.ndarray], chunk_size: int,
+                  root: bytes, key_bytes: int) -> Iterator[bytes]:
+        """All full chunks' keys of a prompt whose token words ``words_of(start, end)`` converts on demand: the
+        first few converted and hashed alone, so that a consumer stopping at the first miss leaves the rest of the
+        prompt untouched (a bad id in the first chunk raises here, as ``words_of`` raises it)."""
+        if num_tokens < chunk_size:
             return iter(())
-        head = self.words(tokens, 0, chunk_size)
-        if head is None:
-            return None
-        first = self.run(head, chunk_size, 0, 1, b"", root, key_bytes)
+        first = self.run(words_of(0, chunk_size), chunk_size, 0, 1, b"", root, key_bytes)
         # chain flattens the batches in C: the generator resumes once per batch, not once per key
-        return itertools.chain.from_iterable(self._batches(tokens, chunk_size, root, key_bytes, first))
+        return itertools.chain.from_iterable(self._batches(num_tokens, words_of, chunk_size, root, key_bytes, first))
 
-    def _batches(self, tokens: Sequence[int] | np.ndarray, chunk_size: int, root: bytes, key_bytes: int,
-                 batch: tuple[np.ndarray, np.ndarray]) -> Iterator[list[bytes]]:
-        total, done, steps = len(tokens) // chunk_size, 0, iter(_LAZY_STEPS[1:])
+    def _batches(self, num_tokens: int, words_of: Callable[[int, int | None], np.ndarray], chunk_size: int,
+                 root: bytes, key_bytes: int, batch: tuple[np.ndarray, np.ndarray]) -> Iterator[list[bytes]]:
+        total, done, steps = num_tokens // chunk_size, 0, iter(_LAZY_STEPS[1:])
         while True:
             yield _split(batch[1], key_bytes)
             done += len(batch[1])
             if done >= total:
                 return
             count = min(total - done, next(steps, total))
-            if done + count == total:  # the rest: convert the whole prompt (no slice) and start at ``done``
-                words, first = self.words(tokens), done
-            else:
-                words, first = self.words(tokens, done * chunk_size, (done + count) * chunk_size), 0
-            if words is None:
-                raise OverflowError(f"a token id in chunks {done}..{done + count} is not an unsigned 32-bit int")
+            try:  # the rest: the whole prompt converts without a slice, and the loop starts at ``done``
+                words, first = ((words_of(0, None), done) if done + count == total else
+                                (words_of(done * chunk_size, (done + count) * chunk_size), 0))
+            except (OverflowError, TypeError) as e:
+                raise OverflowError(f"a token id in chunks {done}..{done + count} is not an unsigned 32-bit int "
+                                    f"({e})") from None
             batch = self.run(words, chunk_size, first, count, batch[0][-1].tobytes(), root, key_bytes)
 
 
@@ -191,7 +161,7 @@ def _self_check(chain: NativeChain) -> None:
     rng = np.random.default_rng()
     tokens = rng.integers(0, 2**32, size=3 * 64, dtype=np.uint64)
     root = rng.bytes(16)
-    got = chain.keys(tokens.tolist(), 64, root, 16)
+    got = chain.keys(tokens.astype(np.uint32), 64, root, 16)
     prev, want = b"", []
     for i in range(3):
         prev = hashlib.sha256(prev + tokens[i * 64:(i + 1) * 64].astype("<u4").tobytes()).digest()
