@@ -69,6 +69,9 @@ def test_bench_lookup():
     # 32 chunks: the native loop hashed them, and the same-run floor and ratios are printed beside it
     assert d["native_keys"] is True and d["native_keys_error"] is None
     assert d["floor_ms_median"] > 0 and d["lookup_over_floor"] > 0 and d["python_over_native_hash"] > 0
+    # the list's ids read in place (token_list), timed beside array('I')'s conversion of the same list
+    assert d["list_read_in_place"] is True and d["list_read_error"] is None
+    assert d["list_read_ms_median"] > 0 and d["fromlist_ms_median"] > 0
 
 
 def test_bench_rejects_bad_flags_clearly():

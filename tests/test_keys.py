@@ -1,8 +1,10 @@
+import array
 import hashlib
 import json
 import os
 import subprocess
 import sys
+from enum import IntEnum
 
 import blake3
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcache.core import key_chain
+from lmcache.core import key_chain, token_list
 from lmcache.core.geometry import KVGeometry, ModelIdentity
 from lmcache.core.keys import ChunkHasher, ObjectKey
 
@@ -138,6 +140,62 @@ def test_a_bad_token_id_in_a_long_prompt_raises_as_in_a_short_one(bad, error):
     long[3], long[-3] = 1, bad  # in a later chunk: the lazy iteration yields the good chunks, then says which
     with pytest.raises(OverflowError, match="not an unsigned 32-bit int"):
         list(h.iter_keys(long))
+
+
+# -- prompt lists read in place (token_list): the same words as array('I'), every non-id refused ----------------------
+
+def test_the_list_reader_loads_here():
+    """CI's CPython has the layout the reader knows: the in-place read must be the one tested."""
+    assert key_chain.native().lists_error is None
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 255, 256, 2**30 - 1, 2**30, 2**32 - 1])),
+                max_size=300), st.data())
+def test_list_words_are_exactly_what_array_converts(ids, data):
+    start = data.draw(st.integers(0, len(ids)))
+    end = data.draw(st.integers(start, len(ids)))
+    words = key_chain.native().list_words(ids, start, end)
+    assert words is not None and words.dtype == np.uint32
+    assert words.tobytes() == array.array("I", ids[start:end]).tobytes()
+
+
+@pytest.mark.parametrize("bad", [-1, -(2**40), 2**32, 2**33 + 5, 2**64, 2**200, True, 1.5, "3", None, IntEnum("E", "A").A])
+@pytest.mark.parametrize("where", [0, 17, -1])
+def test_list_words_refuse_every_item_that_is_not_an_exact_uint32_int(bad, where):
+    ids = list(range(40))
+    ids[where] = bad
+    chain = key_chain.native()
+    assert chain.list_words(ids) is None
+    clean = list(range(40))
+    assert chain.list_words(clean, 0, 41) is None and chain.list_words(clean, 5, 3) is None  # not a plain range
+    assert chain.list_words(tuple(clean)) is None and chain.list_words(np.arange(40)) is None  # not a list
+
+
+def test_long_prompts_with_bools_or_int_subclasses_key_as_their_int_values():
+    """The reader refuses them and ``token_words`` (array('I')) converts them: the keys of the plain ints."""
+
+    class Token(int):
+        pass
+
+    h = ChunkHasher(LLAMA, 16)
+    ids = list(range(16 * key_chain.NATIVE_MIN_CHUNKS * 2))
+    odd = ids.copy()
+    odd[1], odd[20], odd[-1] = True, Token(20), Token(odd[-1])
+
+    class Prompt(list):
+        pass
+
+    assert h.keys(odd) == h.keys(ids) == h.keys(Prompt(ids)) == list(h.iter_keys(odd)) == reference_keys(h, ids)
+
+
+def test_a_layout_the_reader_does_not_know_is_refused_before_anything_is_read_through_it():
+    """The layout check reads only inside objects of known content: told the other interpreter's int layout, it
+    refuses (the kernel is never trusted with it)."""
+    ids = list(range(300)) + [2**30 + 7, 2**32 - 1]
+    token_list._check_layout(ids, sys.version_info >= (3, 12))  # this interpreter's layout passes
+    with pytest.raises(RuntimeError, match="not the layout the reader knows"):
+        token_list._check_layout(ids, sys.version_info < (3, 12))
 
 
 def test_native_keys_off_gives_the_same_keys_and_says_so():

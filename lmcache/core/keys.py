@@ -13,8 +13,9 @@ page size, its KV layout or its tensor-parallel size. Both hashes are cryptograp
 a prompt whose key collides with another prompt's and poison it.
 
 Prompts of 16 chunks or more are hashed by ``key_chain``'s native loop (numba + the libcrypto hashlib uses),
-which derives exactly these keys (self-checked at load, property-tested) without Python per chunk; shorter
-prompts, and every prompt where that loop cannot load, go through ``_python_keys`` below, the definition.
+which derives exactly these keys (self-checked at load, property-tested) without Python per chunk, reading a
+list's ids in place (``token_list``); shorter prompts, and every prompt where that loop cannot load, go through
+``_python_keys`` below, the definition.
 
 The trailing partial chunk is never stored and has no key. A later, longer prompt therefore reuses only
 the full chunks it shares and recomputes at most ``chunk_size - 1`` tokens; there is no partial object
@@ -59,6 +60,13 @@ def token_words(tokens: Sequence[int] | np.ndarray | torch.Tensor, start: int = 
     if not _LITTLE:  # pragma: no cover
         packed.byteswap()
     return np.frombuffer(packed, dtype="<u4")
+
+
+def _words(chain: key_chain.NativeChain, tokens: Sequence[int] | np.ndarray | torch.Tensor, start: int,
+           end: int | None) -> np.ndarray:
+    """The native loop's input: a list's ids read in place where they can be, else ``token_words``."""
+    words = chain.list_words(tokens, start, end)
+    return token_words(tokens, start, end) if words is None else words
 
 
 def token_bytes(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> memoryview:
@@ -121,14 +129,14 @@ class ChunkHasher:
         chain = self._native(tokens)
         if chain is None:
             return self._python_keys(tokens)
-        return chain.iter_keys(len(tokens), lambda start, end: token_words(tokens, start, end), self.chunk_size,
+        return chain.iter_keys(len(tokens), lambda start, end: _words(chain, tokens, start, end), self.chunk_size,
                                self.root, KEY_BYTES)
 
     def keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> list[bytes]:
         chain = self._native(tokens)
         if chain is None:
             return list(self._python_keys(tokens))
-        return chain.keys(token_words(tokens), self.chunk_size, self.root, KEY_BYTES)
+        return chain.keys(_words(chain, tokens, 0, None), self.chunk_size, self.root, KEY_BYTES)
 
     def _native(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> key_chain.NativeChain | None:
         """The native loop, for prompts long enough to be worth it (see key_chain); None where it is not loaded."""

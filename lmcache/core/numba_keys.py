@@ -1,4 +1,5 @@
-"""The numba loop behind ``key_chain`` (which finds libcrypto and checks every range before calling it).
+"""The numba loops behind ``key_chain`` (which finds libcrypto and checks every range before calling it) and
+``token_list`` (which checks CPython's object layout before this reads a list through it).
 
 Imported at first use only (numba's import costs ~0.35 s). ``cache=True``: the compiled loop is kept next to this
 file where writable. libcrypto's functions arrive as addresses (arguments, not globals), so the compiled code
@@ -40,6 +41,70 @@ def _call_pp(typingctx, fn, a, b):
 @intrinsic
 def _call_ppn(typingctx, fn, a, b, n):
     return types.int32(types.uintp, types.uintp, types.uintp, types.uintp), _codegen("ppn")
+
+
+def _load_codegen(bits: int):
+    def codegen(context, builder, signature, llargs):
+        value = builder.load(builder.inttoptr(llargs[0], ir.IntType(bits).as_pointer()))
+        return value if bits == 64 else builder.zext(value, ir.IntType(64))
+
+    return codegen
+
+
+@intrinsic
+def _load_u64(typingctx, address):
+    return types.uint64(types.uintp), _load_codegen(64)
+
+
+@intrinsic
+def _load_u32(typingctx, address):
+    return types.uint64(types.uintp), _load_codegen(32)
+
+
+_ZERO, _ONE, _TWO, _THREE = np.uint64(0), np.uint64(1), np.uint64(2), np.uint64(3)
+_DIGIT_BITS, _WORD = np.uint64(30), np.uint64(1 << 32)
+
+
+# Not nogil, on purpose: holding the GIL is what keeps the list, its item array and its ints alive and unchanged
+# while this reads them through raw addresses.
+@njit(cache=True)
+def list_words(lst, int_type, tagged, start, end, out):
+    """Items ``start .. end-1`` of the CPython list at address ``lst`` into ``out`` (uint32), read straight from
+    the int objects: a PyListObject's ob_size at +16 and item array at +24; a PyLongObject's type at +8, its size
+    word at +16 (3.11: ob_size, the digit count with the value's sign; 3.12+ (``tagged``): lv_tag, sign in bits
+    0-1 (1: zero, 2: negative), digit count from bit 3) and 30-bit digits from +24. Returns -1, or the index of the
+    first item that is not an exact int in [0, 2**32) (or ``start`` when the list is now shorter than ``end``):
+    the caller then converts in Python, which raises the error a bad id deserves."""
+    if np.int64(_load_u64(lst + 16)) < end:
+        return start
+    items = _load_u64(lst + 24)
+    for i in range(start, end):
+        item = _load_u64(items + np.uint64(8 * i))
+        if _load_u64(item + 8) != int_type:
+            return i  # not exactly int (bool, a subclass, a float, ...)
+        head = _load_u64(item + 16)
+        if tagged:
+            sign, digits = head & _THREE, head >> _THREE
+            if sign == _ONE:
+                digits = _ZERO
+            elif sign != _ZERO:
+                return i
+        elif np.int64(head) < 0:
+            return i
+        else:
+            digits = head
+        if digits == _ZERO:
+            out[i - start] = 0
+        elif digits == _ONE:
+            out[i - start] = _load_u32(item + 24)
+        elif digits == _TWO:
+            value = _load_u32(item + 24) | (_load_u32(item + 28) << _DIGIT_BITS)
+            if value >= _WORD:
+                return i
+            out[i - start] = value
+        else:
+            return i
+    return -1
 
 
 # BLAKE3's message word order for rounds 0..6 (the permutation applied 0..6 times)
