@@ -93,6 +93,55 @@ def test_kernels_gather_and_scatter_exactly_what_the_reference_does(case):
         assert torch.equal(a, b)
 
 
+@st.composite
+def transposed_cases(draw):
+    """vLLM CPU's transposed keys where the tiled kernel applies (k_dim and block size multiples of the tile),
+    with slots that give it whole tiles, broken tiles (a block's positions out of order, a chunk starting
+    mid-tile) and none."""
+    dtype = draw(st.sampled_from(DTYPES))
+    tile = 32 // torch.empty(0, dtype=dtype).element_size()
+    g = KVGeometry(draw(st.integers(1, 3)), draw(st.integers(1, 3)), tile * draw(st.integers(1, 3)),
+                   draw(st.integers(1, 40)), dtype, KIND_MHA)
+    block = tile * draw(st.sampled_from([1, 2, 4]))
+    tokens = draw(st.integers(1, 3 * block))
+    pattern = draw(st.sampled_from(["whole", "offset", "perturbed", "random"]))
+    l0 = draw(st.integers(0, g.num_layers - 1))
+    return g, block, tokens, pattern, range(l0, draw(st.integers(l0 + 1, g.num_layers))), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=transposed_cases())
+def test_transposed_keys_move_as_tiles_exactly_as_the_reference_moves_them(case):
+    geometry, block, tokens, pattern, layers, seed = case
+    num_slots = (tokens // block + 3) * block * 2
+    kv = area_layout(geometry, num_slots // block, block, seed, vec=True)
+    program = cpu_kernels.build(kv)
+    assert program.vec_order  # the tiled kernel, not the element-wise one
+    g = torch.Generator().manual_seed(seed)
+    if pattern == "random":
+        slots = slots_for(tokens, num_slots, block, False, seed)
+    else:
+        start = int(torch.randint(1, block, (1,), generator=g)) if pattern == "offset" else 0
+        slots = slots_for(tokens + start, num_slots, block, True, seed)[start:]
+        if pattern == "perturbed" and tokens > 1:
+            i = int(torch.randint(0, tokens - 1, (1,), generator=g))
+            slots[[i, i + 1]] = slots[[i + 1, i]]
+    plan = convert.plan_slots(kv, slots)
+    shape = (geometry.num_kv_heads, geometry.num_layers, tokens, geometry.row_dim)
+    want = random_bits(torch.empty(shape, dtype=geometry.dtype), seed + 1)
+    got = want.clone()
+    convert.gather(kv, plan, want, layers)
+    cpu_kernels.run(program, slots, got, layers, to_chunk=True)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+    chunk = random_bits(torch.empty(shape, dtype=geometry.dtype), seed + 2)
+    reference = area_layout(geometry, num_slots // block, block, seed, vec=True)
+    convert.scatter(reference, plan, chunk, layers)
+    cpu_kernels.run(program, slots, chunk, layers, to_chunk=False)
+    for a, b in zip(memory_bits(kv), memory_bits(reference)):  # every byte, also outside the slots
+        assert torch.equal(a, b)
+
+
 def test_the_cpu_backend_moves_host_memory_with_the_kernels_and_says_when_it_cannot(caplog):
     geometry = KVGeometry(2, 2, 8, 8, torch.bfloat16)
     backend = CpuBackend(threads=2)

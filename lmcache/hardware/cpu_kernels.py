@@ -111,6 +111,12 @@ class AreaProgram:
     runs: np.ndarray  # [N] int64
     row: int
     num_slots: int
+    #: vLLM CPU's "vec" order (a block's keys transposed, then its value rows): the tiled kernel
+    #: (``numba_copy.area_transposed``) moves it; False for any other order
+    vec_order: bool = False
+    k_dim: int = 0
+    v_dim: int = 0
+    elem: int = 0
 
 
 def _layer_strides(tensors: list[torch.Tensor], what: str) -> tuple[int, ...]:
@@ -160,8 +166,24 @@ def _build_area(kv: BlockAreaKV) -> AreaProgram:
     places = torch.cat([kv.k_index, kv.v_index], dim=1).to("cpu", torch.int64)  # [N, row elements]
     if int(places.min()) < 0 or int(places.max()) >= kv.layers[0].shape[2]:
         raise KernelRefused("an index map points outside the block area")
+    n, k_dim, v_dim = kv.block_size, kv.k_index.shape[1], kv.v_index.shape[1]
+    tile = 32 // e if e in (1, 2, 4) else 0
+    vec_k, vec_v = transposed_key_maps(n, k_dim, v_dim)
+    vec_order = bool(tile and n % tile == 0 and k_dim % tile == 0 and torch.equal(kv.k_index.cpu(), vec_k)
+                     and torch.equal(kv.v_index.cpu(), vec_v))
+    src, dst, length, runs = _run_tables(places, e)
+    return AreaProgram(
+        base=np.array([t.data_ptr() for t in kv.layers], dtype=np.int64),
+        head_stride=np.arange(kv.num_heads, dtype=np.int64) * (sh * e), block_stride=sb * e,
+        block_size=n, run_src=src, run_dst=dst, run_len=length, runs=runs, row=places.shape[1] * e,
+        num_slots=kv.num_slots, vec_order=vec_order, k_dim=k_dim, v_dim=v_dim, elem=e)
+
+
+def _run_tables(places: torch.Tensor, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per in-block position, the byte runs (area offset, row offset, length) of its row elements: contiguous
+    elements merged (V rows are one run, transposed keys one run per element)."""
     src_runs, dst_runs, len_runs = [], [], []
-    for p in range(kv.block_size):
+    for p in range(places.shape[0]):
         idx = places[p].tolist()
         runs: list[list[int]] = []
         for d, a in enumerate(idx):
@@ -177,11 +199,7 @@ def _build_area(kv: BlockAreaKV) -> AreaProgram:
     def table(rows: list[list[int]]) -> np.ndarray:
         return np.array([r + [0] * (most - len(r)) for r in rows], dtype=np.int64)
 
-    return AreaProgram(
-        base=np.array([t.data_ptr() for t in kv.layers], dtype=np.int64),
-        head_stride=np.arange(kv.num_heads, dtype=np.int64) * (sh * e), block_stride=sb * e,
-        block_size=kv.block_size, run_src=table(src_runs), run_dst=table(dst_runs), run_len=table(len_runs),
-        runs=np.array([len(r) for r in src_runs], dtype=np.int64), row=places.shape[1] * e, num_slots=kv.num_slots)
+    return table(src_runs), table(dst_runs), table(len_runs), np.array([len(r) for r in src_runs], dtype=np.int64)
 
 
 def _chunk_address(chunk: torch.Tensor, program: RowProgram | AreaProgram, tokens: int) -> tuple[int, int]:
@@ -212,9 +230,16 @@ def run(program: RowProgram | AreaProgram, slots: torch.Tensor, chunk: torch.Ten
     if isinstance(program, AreaProgram):
         s = slots.numpy()
         n = program.block_size
-        kernels.area(program.base, program.head_stride, (s // n) * program.block_stride, s % n, program.run_src,
-              program.run_dst, program.run_len, program.runs, layers.start, layers.stop, address, num_layers,
-              program.row, to_chunk)
+        block_off, in_block = (s // n) * program.block_stride, s % n
+        if program.vec_order:
+            kernels.area_transposed(program.base, program.head_stride, block_off, in_block, program.run_src,
+                                    program.run_dst, program.run_len, program.runs, n, program.k_dim, program.v_dim,
+                                    program.elem, layers.start, layers.stop, address, num_layers, program.row,
+                                    to_chunk)
+        else:
+            kernels.area(program.base, program.head_stride, block_off, in_block, program.run_src, program.run_dst,
+                         program.run_len, program.runs, layers.start, layers.stop, address, num_layers, program.row,
+                         to_chunk)
         return
     fn = kernels.rows_gather if to_chunk else kernels.rows_scatter
     fn(program.base, program.head_stride, program.width, program.at, program.slot_offsets(slots), layers.start,
