@@ -122,10 +122,27 @@ def _transpose_op(bits: int, pair: bool, nontemporal: bool):
     return op
 
 
-_t8, _t16, _t32 = (_transpose_op(b, False, False) for b in (8, 16, 32))
-_t8n, _t16n, _t32n = (_transpose_op(b, False, True) for b in (8, 16, 32))
-_t8p, _t16p, _t32p = (_transpose_op(b, True, False) for b in (8, 16, 32))
-_t8pn, _t16pn, _t32pn = (_transpose_op(b, True, True) for b in (8, 16, 32))
+def _tile_for(bits: int):
+    """The tile move for ``bits``-bit elements: one tile or a pair (``_transpose_op``), streamed where its stores
+    fill whole 64-byte-aligned lines (a pair's 64-byte rows, or a single tile's 32-byte rows laid end to end)."""
+    single, single_streamed, paired, paired_streamed = (_transpose_op(bits, pair, streamed)
+                                                        for pair in (False, True) for streamed in (False, True))
+
+    @njit(inline="always")
+    def tile(dst, dst_stride, src, src_stride, pair):
+        if not pair and dst_stride == 32 and (dst & 63) == 0:
+            single_streamed(dst, dst_stride, src, src_stride)
+        elif not pair:
+            single(dst, dst_stride, src, src_stride)
+        elif (dst & 63) == 0 and (dst_stride & 63) == 0:
+            paired_streamed(dst, dst_stride, src, src_stride)
+        else:
+            paired(dst, dst_stride, src, src_stride)
+
+    return tile
+
+
+_tile8, _tile16, _tile32 = (_tile_for(b) for b in (8, 16, 32))
 
 
 @intrinsic
@@ -214,35 +231,13 @@ def area(base, head_stride, block_off, in_block, run_src, run_dst, run_len, runs
 
 @njit(inline="always")
 def _tile(dst, dst_stride, src, src_stride, elem, pair):
-    """One tile (``pair``: two, output rows side by side) of ``elem``-byte elements (``_transpose_op``),
-    streamed where its stores fill whole 64-byte-aligned lines."""
-    if not pair and dst_stride == 32 and (dst & 63) == 0:  # output rows contiguous: whole lines, streamed
-        if elem == 2:
-            _t16n(dst, dst_stride, src, src_stride)
-        elif elem == 4:
-            _t32n(dst, dst_stride, src, src_stride)
-        else:
-            _t8n(dst, dst_stride, src, src_stride)
-    elif not pair:
-        if elem == 2:
-            _t16(dst, dst_stride, src, src_stride)
-        elif elem == 4:
-            _t32(dst, dst_stride, src, src_stride)
-        else:
-            _t8(dst, dst_stride, src, src_stride)
-    elif (dst & 63) == 0 and (dst_stride & 63) == 0:
-        if elem == 2:
-            _t16pn(dst, dst_stride, src, src_stride)
-        elif elem == 4:
-            _t32pn(dst, dst_stride, src, src_stride)
-        else:
-            _t8pn(dst, dst_stride, src, src_stride)
-    elif elem == 2:
-        _t16p(dst, dst_stride, src, src_stride)
+    """One tile (``pair``: two, output rows side by side) of ``elem``-byte elements (``_tile_for``)."""
+    if elem == 2:
+        _tile16(dst, dst_stride, src, src_stride, pair)
     elif elem == 4:
-        _t32p(dst, dst_stride, src, src_stride)
+        _tile32(dst, dst_stride, src, src_stride, pair)
     else:
-        _t8p(dst, dst_stride, src, src_stride)
+        _tile8(dst, dst_stride, src, src_stride, pair)
 
 
 @njit(inline="always")
