@@ -58,9 +58,7 @@ class NativeChain:
         """``tokens[start:end]`` read straight from a Python list of exact ints in [0, 2**32) (``token_list``);
         None for anything else (another type, a bad id, no reader here): the caller converts it with
         ``keys.token_words``, which raises what a bad id deserves."""
-        if self._lists is None or type(tokens) is not list:
-            return None
-        return self._lists.words(tokens, start, end)
+        return None if self._lists is None else self._lists.words(tokens, start, end)
 
     def run(self, words: np.ndarray, chunk_size: int, first: int, count: int, prev: bytes, root: bytes,
             key_bytes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -38,11 +38,14 @@ class ListReader:
         self._tagged = tagged
         self._int_type = id(int)
 
-    def words(self, tokens: list[Any], start: int = 0, end: int | None = None) -> np.ndarray | None:
-        """``tokens[start:end]`` as uint32 words, or None where an item is not an exact int in [0, 2**32) (or the
-        range is not a plain forward one): the caller then converts with ``keys.token_words``."""
+    def words(self, tokens: object, start: int = 0, end: int | None = None) -> np.ndarray | None:
+        """``tokens[start:end]`` as uint32 words, or None where ``tokens`` is not exactly a list, an item is not
+        an exact int in [0, 2**32), or the range is not a plain forward one: the caller then converts with
+        ``keys.token_words``."""
+        if type(tokens) is not list:
+            return None
         end = len(tokens) if end is None else end
-        if type(tokens) is not list or not 0 <= start <= end <= len(tokens):
+        if not 0 <= start <= end <= len(tokens):
             return None
         out = np.empty(end - start, np.uint32)
         if self._kernel(id(tokens), self._int_type, self._tagged, start, end, out) != -1:

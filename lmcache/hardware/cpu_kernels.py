@@ -111,8 +111,8 @@ class AreaProgram:
     runs: np.ndarray  # [N] int64
     row: int
     num_slots: int
-    #: vLLM CPU's "vec" order (a block's keys transposed, then its value rows): the tiled kernel
-    #: (``numba_copy.area_transposed``) moves it; False for any other order
+    #: vLLM CPU's "vec" order (a block's keys transposed, then its value rows): ``numba_copy.area`` moves its
+    #: keys as tiles; False for any other order (element runs only)
     vec_order: bool = False
     k_dim: int = 0
     v_dim: int = 0
@@ -230,16 +230,10 @@ def run(program: RowProgram | AreaProgram, slots: torch.Tensor, chunk: torch.Ten
     if isinstance(program, AreaProgram):
         s = slots.numpy()
         n = program.block_size
-        block_off, in_block = (s // n) * program.block_stride, s % n
-        if program.vec_order:
-            kernels.area_transposed(program.base, program.head_stride, block_off, in_block, program.run_src,
-                                    program.run_dst, program.run_len, program.runs, n, program.k_dim, program.v_dim,
-                                    program.elem, layers.start, layers.stop, address, num_layers, program.row,
-                                    to_chunk)
-        else:
-            kernels.area(program.base, program.head_stride, block_off, in_block, program.run_src, program.run_dst,
-                         program.run_len, program.runs, layers.start, layers.stop, address, num_layers, program.row,
-                         to_chunk)
+        kernels.area(program.base, program.head_stride, (s // n) * program.block_stride, s % n, program.run_src,
+                     program.run_dst, program.run_len, program.runs, program.vec_order, n, program.k_dim,
+                     program.v_dim, program.elem, layers.start, layers.stop, address, num_layers, program.row,
+                     to_chunk)
         return
     fn = kernels.rows_gather if to_chunk else kernels.rows_scatter
     fn(program.base, program.head_stride, program.width, program.at, program.slot_offsets(slots), layers.start,

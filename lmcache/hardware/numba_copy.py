@@ -205,30 +205,6 @@ def rows_scatter(base, head_stride, width, at, slot_off, l0, l1, chunk, num_laye
     _fence()
 
 
-@njit(nogil=True, cache=True)
-def area(base, head_stride, block_off, in_block, run_src, run_dst, run_len, runs, l0, l1, chunk, num_layers,
-          row, to_chunk):
-    """BlockAreaKV <-> chunk. Token t's element runs: for run r of its in-block position p, bytes
-    ``run_len[p, r]`` at area offset ``run_src[p, r]`` <-> row offset ``run_dst[p, r]``."""
-    tokens = block_off.shape[0]
-    heads = head_stride.shape[0]
-    for l in range(l0, l1):
-        for t in range(tokens):
-            p = in_block[t]
-            for h in range(heads):
-                area = base[l] + block_off[t] + head_stride[h]
-                line = chunk + ((h * num_layers + l) * tokens + t) * row
-                for r in range(runs[p]):
-                    n = run_len[p, r]
-                    d, s = (line + run_dst[p, r], area + run_src[p, r]) if to_chunk else \
-                        (area + run_src[p, r], line + run_dst[p, r])
-                    if n == 2:  # one bf16/fp16 element (transposed keys): no general copy's tests
-                        _mv2(d, s)
-                    else:
-                        _copy(d, s, n)
-    _fence()
-
-
 @njit(inline="always")
 def _tile(dst, dst_stride, src, src_stride, elem, pair):
     """One tile (``pair``: two, output rows side by side) of ``elem``-byte elements (``_tile_for``)."""
@@ -288,24 +264,27 @@ def _spans(block_off, in_block, group):
 # Helpers here take scalars only: a call passing arrays increfs and decrefs each (atomics), which cost more than
 # the 256-byte copy it wraps, even inlined (measured: 2 vs 8 GB/s)
 @njit(nogil=True, cache=True)
-def area_transposed(base, head_stride, block_off, in_block, run_src, run_dst, run_len, runs, block_size, k_dim,
-                    v_dim, elem, l0, l1, chunk, num_layers, row, to_chunk):
-    """``area`` for vLLM CPU's "vec" order: a block's keys transposed (element d of in-block position p at area
-    offset ``(d*block_size + p) * elem``), then its values row by row. A span of whole groups of tokens at
-    consecutive, group-aligned positions of one block (``_spans``) moves its keys as tiles (``_tile``) and each
-    value row as one run; any other token moves by its element runs, exactly as ``area`` does.
+def area(base, head_stride, block_off, in_block, run_src, run_dst, run_len, runs, vec_order, block_size, k_dim,
+         v_dim, elem, l0, l1, chunk, num_layers, row, to_chunk):
+    """BlockAreaKV <-> chunk. Token t's element runs: for run r of its in-block position p, bytes
+    ``run_len[p, r]`` at area offset ``run_src[p, r]`` <-> row offset ``run_dst[p, r]``.
 
-    Groups are 2n tokens where the block size allows, so that key rows are read or written in whole 64-byte
-    lines, and tiles go in pairs whose output rows are whole lines: gathering, 2n key dims of n tokens (a 64-byte
-    piece of each chunk row); scattering, n key dims of 2n tokens (a 64-byte piece of each transposed key row).
-    Both walk layer, block, head: the engine's memory order (a scatter in the chunk's order measured slower)."""
+    ``vec_order``: the area is vLLM CPU's "vec" order, a block's keys transposed (element d of in-block position
+    p at area offset ``(d*block_size + p) * elem``), then its values row by row. Then a span of whole groups of
+    tokens at consecutive, group-aligned positions of one block (``_spans``) moves its keys as tiles (``_tile``)
+    and each value row as one run; any other token moves by its element runs. Groups are 2n tokens where the
+    block size allows, so that key rows are read or written in whole 64-byte lines, and tiles go in pairs whose
+    output rows are whole lines: gathering, 2n key dims of n tokens (a 64-byte piece of each chunk row);
+    scattering, n key dims of 2n tokens (a 64-byte piece of each transposed key row).
+
+    Walks layer, token, head: the engine's memory order (a scatter in the chunk's order measured slower)."""
     tokens = block_off.shape[0]
     heads = head_stride.shape[0]
-    n = 32 // elem
+    n = 32 // elem if vec_order else 1
     group = 2 * n if block_size % (2 * n) == 0 else n
     pair = k_dim % (2 * n) == 0 if to_chunk else group == 2 * n
     v_at, v_bytes = block_size * k_dim * elem, v_dim * elem
-    spans = _spans(block_off, in_block, group)
+    spans = _spans(block_off, in_block, group) if vec_order else np.zeros(tokens, np.int64)
     for l in range(l0, l1):
         for t in range(tokens):
             span = spans[t]
@@ -315,7 +294,7 @@ def area_transposed(base, head_stride, block_off, in_block, run_src, run_dst, ru
                 if span > 0:
                     _area_span(line, area, in_block[t], span, block_size, k_dim, elem, row, v_at, v_bytes, n, group,
                                pair, to_chunk)
-                elif span == 0:  # one token by its element runs, as ``area`` moves it (written out here: see above)
+                elif span == 0:  # one token by its element runs (written out here: see above)
                     p = in_block[t]
                     for r in range(runs[p]):
                         c, a, size = line + run_dst[p, r], area + run_src[p, r], run_len[p, r]
